@@ -1,0 +1,280 @@
+"""BERT (Devlin et al. 2019) in MindSpore, loading and saving Hugging Face checkpoints.
+
+Parameter names are Hugging Face's except ``attention.self`` -> ``attention.self_attn`` (``self``
+cannot name an attribute that graph mode parses). ``pre_layer_norm=True`` gives the pre-LN
+("switchable") layout progressive layer dropping needs: x + f(LN(x)) in every sub-layer and one
+final LayerNorm (``encoder.LayerNorm``); the default is the original post-LN BERT.
+
+Every transformer layer maps ``(hidden_states, attention_bias) -> (hidden_states, penalty)``:
+``attention_bias`` is additive, (batch, 1, 1, seq) here; ``penalty`` is the head gates' L0
+penalty of the layer (0 without gates), summed over layers up to the model.
+"""
+import numpy as np
+import mindspore as ms
+from mindspore import nn, ops
+
+from .modeling_utils import (Embedding, HeadPrunableAttention, LayerNorm, Linear, OutputBias, PreTrainedCell,
+                             PretrainedConfig, additive_padding_bias, slice_input_projection,
+                             slice_output_projection)
+
+__all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "HeadPrunerBertLRP"]
+
+
+class BertConfig(PretrainedConfig):
+    model_type = "bert"
+    defaults = dict(
+        vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1,
+        attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=2,
+        initializer_range=0.02, layer_norm_eps=1e-12, num_labels=2, classifier_dropout=None,
+        pruned_heads={}, pre_layer_norm=False,
+    )
+    activations = ("gelu", "gelu_new", "relu")
+
+    @classmethod
+    def from_dict(cls, values):
+        values = dict(values)
+        if "num_labels" not in values and "id2label" in values:
+            values["num_labels"] = len(values["id2label"])  # HF stores the label count this way
+        return super().from_dict(values)
+
+    def validate(self):
+        self._check_positive("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                             "intermediate_size", "max_position_embeddings", "type_vocab_size", "num_labels")
+        self._check_probability("hidden_dropout_prob", "attention_probs_dropout_prob")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"BertConfig: hidden_size {self.hidden_size} is not a multiple of "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.hidden_act not in self.activations:
+            raise ValueError(f"BertConfig.hidden_act {self.hidden_act!r} is not one of {self.activations}")
+        self._check_pruned_heads(self.num_hidden_layers, self.num_attention_heads)
+
+
+def activation(name):
+    if name == "gelu":
+        return lambda x: ops.gelu(x, approximate="none")
+    if name == "gelu_new":
+        return lambda x: ops.gelu(x, approximate="tanh")
+    return ops.relu
+
+
+class BertEmbeddings(nn.Cell):
+    def __init__(self, config):
+        super().__init__()
+        std = config.initializer_range
+        self.word_embeddings = Embedding(config.vocab_size, config.hidden_size, std)
+        self.position_embeddings = Embedding(config.max_position_embeddings, config.hidden_size, std)
+        self.token_type_embeddings = Embedding(config.type_vocab_size, config.hidden_size, std)
+        self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.dropout = nn.Dropout(p=config.hidden_dropout_prob)
+
+    def construct(self, input_ids, token_type_ids):
+        positions = ops.arange(input_ids.shape[1]).astype(ms.int32)
+        embedded = (self.word_embeddings(input_ids) + self.position_embeddings(positions)
+                    + self.token_type_embeddings(token_type_ids))
+        return self.dropout(self.LayerNorm(embedded))
+
+
+class BertSelfAttentionProjections(nn.Cell):
+    """HF's ``attention.self``: the Q/K/V projections of the kept heads (None when none)."""
+
+    def __init__(self, config, inner):
+        super().__init__()
+        std = config.initializer_range
+        self.query = Linear(config.hidden_size, inner, std) if inner else None
+        self.key = Linear(config.hidden_size, inner, std) if inner else None
+        self.value = Linear(config.hidden_size, inner, std) if inner else None
+
+
+class BertSubLayerOutput(nn.Cell):
+    """HF's ``*.output``: projection back to hidden size, dropout, LayerNorm."""
+
+    def __init__(self, config, in_features):
+        super().__init__()
+        self.dense = (Linear(in_features, config.hidden_size, config.initializer_range) if in_features
+                      else OutputBias(np.zeros((config.hidden_size,), np.float32)))
+        self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.dropout = nn.Dropout(p=config.hidden_dropout_prob)
+
+
+class BertAttention(HeadPrunableAttention):
+    def __init__(self, config, kept_heads):
+        head_dim = config.hidden_size // config.num_attention_heads
+        super().__init__(config.num_attention_heads, head_dim, kept_heads, config.attention_probs_dropout_prob)
+        self.pre_layer_norm = config.pre_layer_norm
+        inner = self.num_heads * head_dim
+        self.self_attn = BertSelfAttentionProjections(config, inner)
+        self.output = BertSubLayerOutput(config, inner)
+
+    def construct(self, hidden_states, attention_bias):
+        x = self.output.LayerNorm(hidden_states) if self.pre_layer_norm else hidden_states
+        if self.num_heads == 0:
+            projected = self.output.dense(x)
+            penalty = ops.zeros((), ms.float32)
+        else:
+            batch, seq = x.shape[0], x.shape[1]
+            context, penalty = self.attend(self.self_attn.query(x), self.self_attn.key(x),
+                                           self.self_attn.value(x), attention_bias, batch, seq)
+            projected = self.output.dense(context)
+        projected = self.output.dropout(projected)
+        if self.pre_layer_norm:
+            return hidden_states + projected, penalty
+        return self.output.LayerNorm(projected + hidden_states), penalty
+
+    def _slice_projections(self, positions):
+        columns = self.head_columns(positions)
+        for name in ("query", "key", "value"):
+            setattr(self.self_attn, name, slice_input_projection(getattr(self.self_attn, name), columns, "linear"))
+        self.output.dense = slice_output_projection(self.output.dense, columns, "linear")
+
+
+class BertIntermediate(nn.Cell):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = Linear(config.hidden_size, config.intermediate_size, config.initializer_range)
+        self.act = activation(config.hidden_act)
+
+    def construct(self, x):
+        return self.act(self.dense(x))
+
+
+class BertLayer(nn.Cell):
+    def __init__(self, config, kept_heads):
+        super().__init__()
+        self.pre_layer_norm = config.pre_layer_norm
+        self.attention = BertAttention(config, kept_heads)
+        self.intermediate = BertIntermediate(config)
+        self.output = BertSubLayerOutput(config, config.intermediate_size)
+
+    def construct(self, hidden_states, attention_bias):
+        hidden_states, penalty = self.attention(hidden_states, attention_bias)
+        x = self.output.LayerNorm(hidden_states) if self.pre_layer_norm else hidden_states
+        projected = self.output.dropout(self.output.dense(self.intermediate(x)))
+        if self.pre_layer_norm:
+            return hidden_states + projected, penalty
+        return self.output.LayerNorm(projected + hidden_states), penalty
+
+
+class BertEncoder(nn.Cell):
+    def __init__(self, config):
+        super().__init__()
+        heads = range(config.num_attention_heads)
+        self.layer = nn.CellList([
+            BertLayer(config, [h for h in heads if h not in config.pruned_heads.get(i, [])])
+            for i in range(config.num_hidden_layers)])
+        self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps) if config.pre_layer_norm else None
+
+    def construct(self, hidden_states, attention_bias):
+        penalty = ops.zeros((), ms.float32)
+        for layer in self.layer:
+            hidden_states, layer_penalty = layer(hidden_states, attention_bias)
+            penalty = penalty + layer_penalty
+        if self.LayerNorm is not None:
+            hidden_states = self.LayerNorm(hidden_states)
+        return hidden_states, penalty
+
+
+class BertPooler(nn.Cell):
+    def __init__(self, config):
+        super().__init__()
+        self.dense = Linear(config.hidden_size, config.hidden_size, config.initializer_range)
+
+    def construct(self, sequence_output):
+        return ops.tanh(self.dense(sequence_output[:, 0]))
+
+
+class BertPreTrainedCell(PreTrainedCell):
+    config_class = BertConfig
+    backbone_prefix = "bert"
+    _hf_renames = ((".attention.self.", ".attention.self_attn."),)
+    _ignored_checkpoint_keys = ("embeddings.position_ids", "embeddings.token_type_ids")
+
+    def _backbone(self):
+        return self
+
+    def attention_layers(self):
+        return [layer.attention for layer in self.transformer_layers()]
+
+    def transformer_layers(self):
+        return self._backbone().encoder.layer
+
+    def _is_embedding_parameter(self, name):
+        return ".embeddings." in "." + name
+
+    def _is_per_token(self, cell_name):
+        return not any(part in ("pooler", "classifier") for part in cell_name.split("."))
+
+    def _zero_size_tensors(self):
+        prefix = self._backbone_name()
+        state = {}
+        hidden = self.config.hidden_size
+        for i, attention in enumerate(self.attention_layers()):
+            if attention.num_heads == 0:
+                base = f"{prefix}encoder.layer.{i}.attention."
+                for name in ("query", "key", "value"):
+                    state[f"{base}self.{name}.weight"] = np.zeros((0, hidden), np.float32)
+                    state[f"{base}self.{name}.bias"] = np.zeros((0,), np.float32)
+                state[f"{base}output.dense.weight"] = np.zeros((hidden, 0), np.float32)
+        return state
+
+    def _backbone_name(self):
+        return ""
+
+
+class BertModel(BertPreTrainedCell):
+    """Returns ``(sequence_output, pooled_output)`` (and the gate penalty when gated)."""
+
+    _task_head_prefixes = ("pooler.",)
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = BertPooler(config)
+
+    def construct(self, input_ids, attention_mask=None, token_type_ids=None):
+        if attention_mask is None:
+            attention_mask = ops.ones_like(input_ids)
+        if token_type_ids is None:
+            token_type_ids = ops.zeros_like(input_ids)
+        hidden = self.embeddings(input_ids, token_type_ids)
+        sequence_output, penalty = self.encoder(hidden, additive_padding_bias(attention_mask))
+        pooled_output = self.pooler(sequence_output)
+        if self.return_penalty:
+            return sequence_output, pooled_output, penalty
+        return sequence_output, pooled_output
+
+
+class BertForSequenceClassification(BertPreTrainedCell):
+    """Returns logits of shape (batch, num_labels) (and the gate penalty when gated)."""
+
+    base_model_prefix = "bert"
+    _task_head_prefixes = ("classifier.", "bert.pooler.")
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p=dropout)
+        self.classifier = Linear(config.hidden_size, config.num_labels, config.initializer_range)
+
+    def _backbone(self):
+        return self.bert
+
+    def _backbone_name(self):
+        return "bert."
+
+    def construct(self, input_ids, attention_mask=None, token_type_ids=None):
+        outputs = self.bert(input_ids, attention_mask, token_type_ids)
+        logits = self.classifier(self.dropout(outputs[1]))
+        if self.return_penalty:
+            return logits, outputs[2]
+        return logits
+
+
+def __getattr__(name):
+    # The LRP pruner lives with the heads package; import it lazily to keep this file the model.
+    if name == "HeadPrunerBertLRP":
+        from ms_prune.heads.lrp import HeadPrunerBertLRP
+        return HeadPrunerBertLRP
+    raise AttributeError(name)

@@ -1,0 +1,509 @@
+"""What BERT and GPT-2 share: config objects, Hugging Face checkpoint I/O, head surgery, counting.
+
+Parameter names of our Cells are Hugging Face's tensor names (our LayerNorm and Embedding keep
+``weight``/``bias``), up to a short list of renames a model declares in ``_hf_renames``; so loading
+a checkpoint is an explicit name-to-name copy in which every tensor is accounted for.
+"""
+import copy
+import json
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+from mindspore.common.initializer import Normal, initializer
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Additive attention bias for masked positions: exp() of it underflows to exactly 0 in float32.
+MASK_VALUE = -1e9
+
+
+# --------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------
+class PretrainedConfig:
+    """A typed, validated config that reads and writes Hugging Face ``config.json`` files.
+
+    Subclasses list their keys and defaults in ``defaults``. Keyword arguments are checked: an
+    unknown key is a ``ValueError`` naming it. Keys of a ``config.json`` that we do not use
+    (``architectures``, ``transformers_version``, ...) are kept in ``extra`` and written back.
+    """
+
+    model_type = ""
+    defaults = {}
+
+    def __init__(self, **kwargs):
+        unknown = sorted(set(kwargs) - set(self.defaults))
+        if unknown:
+            raise ValueError(
+                f"{type(self).__name__} got unknown key(s) {unknown}; "
+                f"known keys are {sorted(self.defaults)}")
+        for key, default in self.defaults.items():
+            setattr(self, key, copy.deepcopy(kwargs.get(key, default)))
+        self.pruned_heads = {
+            int(layer): sorted({int(h) for h in heads})
+            for layer, heads in (self.pruned_heads or {}).items()}
+        self.extra = {}
+        self.validate()
+
+    def validate(self):
+        """Check value ranges; subclasses extend it."""
+
+    def _check_positive(self, *names):
+        for name in names:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{type(self).__name__}.{name} must be a positive int, got {value!r}")
+
+    def _check_probability(self, *names):
+        for name in names:
+            value = getattr(self, name)
+            if not 0.0 <= float(value) < 1.0:
+                raise ValueError(f"{type(self).__name__}.{name} must be in [0, 1), got {value!r}")
+
+    def _check_pruned_heads(self, num_layers, num_heads):
+        for layer, heads in self.pruned_heads.items():
+            if not 0 <= layer < num_layers:
+                raise ValueError(f"pruned_heads names layer {layer}, but the model has layers 0..{num_layers - 1}")
+            bad = [h for h in heads if not 0 <= h < num_heads]
+            if bad:
+                raise ValueError(f"pruned_heads of layer {layer} names head(s) {bad}, but layers have heads 0..{num_heads - 1}")
+
+    @classmethod
+    def from_dict(cls, values):
+        """Build from a ``config.json`` dict: keys we do not use go to ``extra``."""
+        known = {k: v for k, v in values.items() if k in cls.defaults}
+        config = cls(**known)
+        config.extra = {k: v for k, v in values.items() if k not in cls.defaults and k != "model_type"}
+        return config
+
+    @classmethod
+    def from_json_file(cls, path):
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+    @classmethod
+    def from_pretrained(cls, directory):
+        return cls.from_json_file(os.path.join(directory, CONFIG_NAME))
+
+    def to_dict(self):
+        values = dict(self.extra)
+        values.update({key: copy.deepcopy(getattr(self, key)) for key in self.defaults})
+        values["pruned_heads"] = {str(k): v for k, v in sorted(self.pruned_heads.items()) if v}
+        values["model_type"] = self.model_type
+        return values
+
+    def save_pretrained(self, directory):
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    def copy(self, **changes):
+        config = copy.deepcopy(self)
+        for key, value in changes.items():
+            if key not in self.defaults:
+                raise ValueError(f"{type(self).__name__} has no key {key!r}")
+            setattr(config, key, value)
+        config.validate()
+        return config
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.to_dict() == other.to_dict()
+
+    def __repr__(self):
+        return f"{type(self).__name__}({json.dumps(self.to_dict(), sort_keys=True)})"
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks whose parameter names match Hugging Face's
+# --------------------------------------------------------------------------------------------
+def _normal(shape, std):
+    return Parameter(initializer(Normal(std), shape, ms.float32))
+
+
+def _constant(shape, value):
+    return Parameter(Tensor(np.full(shape, value, np.float32)))
+
+
+class LayerNorm(nn.Cell):
+    """LayerNorm over the last axis with parameters named ``weight``/``bias`` as in PyTorch."""
+
+    def __init__(self, hidden_size, eps):
+        super().__init__()
+        self.weight = _constant((hidden_size,), 1.0)
+        self.bias = _constant((hidden_size,), 0.0)
+        self.layer_norm = ops.LayerNorm(begin_norm_axis=-1, begin_params_axis=-1, epsilon=eps)
+
+    def construct(self, x):
+        return self.layer_norm(x, self.weight, self.bias)[0]
+
+
+class Embedding(nn.Cell):
+    """A lookup table with its parameter named ``weight`` as in PyTorch."""
+
+    def __init__(self, num_embeddings, dim, std=0.02):
+        super().__init__()
+        self.weight = _normal((num_embeddings, dim), std)
+
+    def construct(self, ids):
+        return ops.gather(self.weight, ids, 0)
+
+
+class Linear(nn.Cell):
+    """y = x W^T + b with W of shape (out, in): PyTorch's ``nn.Linear`` layout."""
+
+    def __init__(self, in_features, out_features, std=0.02, weight=None, bias=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Parameter(Tensor(weight)) if weight is not None else _normal((out_features, in_features), std)
+        self.bias = Parameter(Tensor(bias)) if bias is not None else _constant((out_features,), 0.0)
+
+    def construct(self, x):
+        return ops.matmul(x, self.weight.T) + self.bias
+
+
+class Conv1D(nn.Cell):
+    """y = x W + b with W of shape (in, out): GPT-2's ``Conv1D`` layout, kept so names and
+    shapes equal the checkpoint's."""
+
+    def __init__(self, in_features, out_features, std=0.02, weight=None, bias=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = Parameter(Tensor(weight)) if weight is not None else _normal((in_features, out_features), std)
+        self.bias = Parameter(Tensor(bias)) if bias is not None else _constant((out_features,), 0.0)
+
+    def construct(self, x):
+        return ops.matmul(x, self.weight) + self.bias
+
+
+class OutputBias(nn.Cell):
+    """What an output projection leaves when every head feeding it is pruned: its bias."""
+
+    def __init__(self, bias):
+        super().__init__()
+        self.in_features, self.out_features = 0, bias.shape[0]
+        self.bias = Parameter(Tensor(bias))
+
+    def construct(self, like):
+        return ops.zeros_like(like) + self.bias
+
+
+# --------------------------------------------------------------------------------------------
+# Attention with prunable, gateable heads
+# --------------------------------------------------------------------------------------------
+class HeadPrunableAttention(nn.Cell):
+    """Base of the multi-head attentions: bookkeeping of which original heads remain.
+
+    Subclasses build their projections for ``self.kept_heads`` (original head numbers) and
+    implement ``_slice_projections(positions)``, keeping heads at those current positions.
+    ``head_gate`` is None, or a Cell (``ms_prune.heads.ConcreteGate``) that multiplies the
+    per-head attention output (axis 1 of (batch, heads, seq, head_dim)) and has ``get_penalty()``.
+    """
+
+    def __init__(self, num_heads, head_dim, kept_heads, dropout):
+        super().__init__()
+        self.total_heads = num_heads
+        self.head_dim = head_dim
+        self.kept_heads = list(kept_heads)
+        self.num_heads = len(self.kept_heads)
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self.attn_dropout = nn.Dropout(p=dropout)
+        self.head_gate = None
+
+    def attend(self, q, k, v, attention_bias, batch, seq):
+        """Scaled dot-product attention; q/k/v of shape (batch, seq, heads * head_dim).
+
+        Returns the per-head context merged to (batch, seq, heads * head_dim) and the gate
+        penalty (0 when ungated).
+        """
+        shape = (batch, seq, self.num_heads, self.head_dim)
+        q = q.reshape(shape).transpose(0, 2, 1, 3)
+        k = k.reshape(shape).transpose(0, 2, 3, 1)
+        v = v.reshape(shape).transpose(0, 2, 1, 3)
+        scores = ops.matmul(q, k) * self.scale + attention_bias
+        probs = self.attn_dropout(ops.softmax(scores, -1))
+        context = ops.matmul(probs, v)
+        penalty = ops.zeros((), ms.float32)
+        if self.head_gate is not None:
+            context = self.head_gate(context)
+            penalty = self.head_gate.get_penalty()
+        context = context.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.head_dim)
+        return context, penalty
+
+    def prune_heads(self, heads):
+        """Remove the given original head numbers (already validated) that are still here."""
+        heads = set(heads)
+        positions = [i for i, h in enumerate(self.kept_heads) if h not in heads]
+        if len(positions) == self.num_heads:
+            return
+        self._slice_projections(positions)
+        self.kept_heads = [self.kept_heads[i] for i in positions]
+        self.num_heads = len(self.kept_heads)
+        if self.head_gate is not None:
+            self.head_gate.keep(positions)
+
+    def _slice_projections(self, positions):
+        raise NotImplementedError
+
+    def head_columns(self, positions):
+        """Feature indices (within one projection of width heads*head_dim) of heads at positions."""
+        return np.concatenate([np.arange(p * self.head_dim, (p + 1) * self.head_dim) for p in positions]
+                              ) if positions else np.zeros((0,), np.int64)
+
+    def attention_flops(self, seq_len):
+        """Scores (QK^T) and context (PV) matmuls for one sequence."""
+        return 2 * 2 * seq_len * seq_len * self.num_heads * self.head_dim
+
+
+def slice_output_projection(projection, columns, layout):
+    """Keep input features ``columns`` of an output projection (``layout``: 'linear' or 'conv1d')."""
+    bias = projection.bias.asnumpy()
+    if len(columns) == 0:
+        return OutputBias(bias)
+    weight = projection.weight.asnumpy()
+    if layout == "linear":
+        return Linear(len(columns), weight.shape[0], weight=np.ascontiguousarray(weight[:, columns]), bias=bias)
+    return Conv1D(len(columns), weight.shape[1], weight=np.ascontiguousarray(weight[columns, :]), bias=bias)
+
+
+def slice_input_projection(projection, rows, layout):
+    """Keep output features ``rows`` of a Q/K/V projection, or None when none are kept."""
+    if len(rows) == 0:
+        return None
+    weight, bias = projection.weight.asnumpy(), projection.bias.asnumpy()
+    if layout == "linear":
+        return Linear(weight.shape[1], len(rows), weight=np.ascontiguousarray(weight[rows, :]), bias=bias[rows])
+    return Conv1D(weight.shape[0], len(rows), weight=np.ascontiguousarray(weight[:, rows]), bias=bias[rows])
+
+
+def additive_padding_bias(attention_mask, dtype=ms.float32):
+    """(batch, seq) 1/0 mask -> (batch, 1, 1, seq) additive bias."""
+    return (1.0 - attention_mask.astype(dtype)).reshape(attention_mask.shape[0], 1, 1, -1) * MASK_VALUE
+
+
+# --------------------------------------------------------------------------------------------
+# Pretrained models
+# --------------------------------------------------------------------------------------------
+class PreTrainedCell(nn.Cell):
+    """Base of our models: Hugging Face checkpoint I/O, head pruning and counting.
+
+    Subclasses set ``config_class``, ``base_model_prefix`` (the attribute holding the backbone in
+    task models, e.g. ``bert``; empty for a bare backbone), ``_hf_renames`` (pairs
+    (hf_fragment, our_fragment)), ``_ignored_checkpoint_keys`` (suffixes of buffers that HF
+    sometimes saves), ``_task_head_prefixes`` (parameters a backbone-only checkpoint may lack),
+    and implement ``attention_layers()``.
+    """
+
+    config_class = PretrainedConfig
+    base_model_prefix = ""
+    backbone_prefix = ""
+    _hf_renames = ()
+    _ignored_checkpoint_keys = ()
+    _task_head_prefixes = ()
+
+    def __init__(self, config):
+        super().__init__()
+        if not isinstance(config, self.config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.return_penalty = False
+        self.loading_info = {}
+
+    # ---- structure ----------------------------------------------------------------------
+    def attention_layers(self):
+        """The head-prunable attention Cells, in layer order."""
+        raise NotImplementedError
+
+    def transformer_layers(self):
+        """The CellList of transformer layers (what token and layer dropping wrap)."""
+        raise NotImplementedError
+
+    def refresh_after_surgery(self):
+        """Call after replacing sub-Cells. Names every Parameter by its path in the model (or
+        checkpoints would silently drop or collide on tensors), and makes graph mode compile
+        anew: MindSpore caches a Cell's graph by its creation time and id, so a model run before
+        surgery would otherwise keep running its old graph with the old weights. Cells that wrap
+        this model (loss or train-step cells) hold their own graphs: build them after surgery."""
+        for name, param in self.parameters_and_names():
+            param.name = name
+        stamp = time.time_ns()
+        for _, cell in self.cells_and_names():
+            object.__setattr__(cell, "_create_time", stamp)
+        return self
+
+    # ---- naming ---------------------------------------------------------------------------
+    @classmethod
+    def _to_ours(cls, hf_name):
+        for hf, ours in cls._hf_renames:
+            hf_name = hf_name.replace(hf, ours)
+        return hf_name
+
+    @classmethod
+    def _to_hf(cls, our_name):
+        for hf, ours in cls._hf_renames:
+            our_name = our_name.replace(ours, hf)
+        return our_name
+
+    def _checkpoint_key_to_param(self, key, param_names):
+        """Map a checkpoint tensor name to one of our parameter names, or None."""
+        name = self._to_ours(key)
+        if name in param_names:
+            return name
+        prefix = self.base_model_prefix
+        if prefix and prefix + "." + name in param_names:
+            return prefix + "." + name  # bare-backbone checkpoint loaded into a task model
+        if prefix == "" and self.backbone_prefix and name.startswith(self.backbone_prefix + "."):
+            stripped = name[len(self.backbone_prefix) + 1:]
+            if stripped in param_names:
+                return stripped  # task-model checkpoint loaded into a bare backbone
+        return None
+
+    # ---- loading / saving ----------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory, strict=True, **config_changes):
+        """Load ``config.json`` + ``model.safetensors`` written by Hugging Face or by us.
+
+        Every checkpoint tensor is copied or reported: missing tensors (other than a task head
+        absent from a backbone checkpoint), tensors we cannot place and shapes that do not fit
+        raise ``ValueError`` naming them. With ``strict=False`` unplaced tensors are only
+        reported in ``model.loading_info['unexpected']``.
+        """
+        config_path = os.path.join(directory, CONFIG_NAME)
+        weights_path = os.path.join(directory, WEIGHTS_NAME)
+        for path in (config_path, weights_path):
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{cls.__name__}.from_pretrained: no {os.path.basename(path)} in {directory}")
+        config = cls.config_class.from_json_file(config_path)
+        if config_changes:
+            config = config.copy(**config_changes)
+        model = cls(config)
+        from safetensors.numpy import load_file
+        model.load_hf_state_dict(load_file(weights_path), strict=strict)
+        return model
+
+    def load_hf_state_dict(self, state, strict=True):
+        """Copy a {hf_name: numpy array} dict into the parameters (see ``from_pretrained``)."""
+        params = dict(self.parameters_and_names())
+        loaded, unexpected, mismatched, ignored = set(), [], [], []
+        for key, array in state.items():
+            if any(key.endswith(suffix) for suffix in self._ignored_checkpoint_keys):
+                ignored.append(key)
+                continue
+            name = self._checkpoint_key_to_param(key, params)
+            if name is None:
+                if array.size == 0:
+                    ignored.append(key)  # a projection of a layer whose heads are all pruned
+                else:
+                    unexpected.append(key)
+                continue
+            param = params[name]
+            if tuple(array.shape) != tuple(param.shape):
+                mismatched.append(f"{key}: checkpoint {tuple(array.shape)} vs model {tuple(param.shape)}")
+                continue
+            param.set_data(Tensor(np.ascontiguousarray(array), dtype=param.dtype))
+            loaded.add(name)
+        missing = [n for n in params if n not in loaded]
+        newly_initialized = [n for n in missing if n.startswith(self._task_head_prefixes)]
+        missing = [n for n in missing if n not in newly_initialized]
+        problems = []
+        if mismatched:
+            problems.append("shape does not fit the config: " + "; ".join(mismatched))
+        if missing:
+            problems.append(f"missing from the checkpoint: {missing}")
+        if unexpected and strict:
+            problems.append(f"unexpected tensors (no parameter of {type(self).__name__} takes them; "
+                            f"strict=False only reports them): {unexpected}")
+        if problems:
+            raise ValueError(f"cannot load checkpoint into {type(self).__name__}: " + " | ".join(problems))
+        if unexpected:
+            logger.warning("%s: checkpoint tensors not used: %s", type(self).__name__, unexpected)
+        if newly_initialized:
+            logger.info("%s: newly initialised (not in the checkpoint): %s", type(self).__name__, newly_initialized)
+        self.loading_info = {"unexpected": unexpected, "newly_initialized": newly_initialized,
+                             "ignored": ignored}
+        return self.loading_info
+
+    def hf_state_dict(self):
+        """{hf_name: numpy array}, including the zero-size projections of fully pruned layers so
+        that Hugging Face can load the file too."""
+        state = {self._to_hf(name): param.asnumpy() for name, param in self.parameters_and_names()}
+        state.update(self._zero_size_tensors())
+        return state
+
+    def _zero_size_tensors(self):
+        return {}
+
+    def save_pretrained(self, directory):
+        from safetensors.numpy import save_file
+        os.makedirs(directory, exist_ok=True)
+        self.config.extra["architectures"] = [type(self).__name__]
+        self.config.save_pretrained(directory)
+        save_file({k: np.ascontiguousarray(v) for k, v in self.hf_state_dict().items()},
+                  os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+
+    # ---- head pruning -----------------------------------------------------------------------
+    def prune_heads(self, heads_to_prune):
+        """Physically remove heads: ``{layer: [head, ...]}`` in the ORIGINAL head numbering.
+
+        Repeated calls merge; ``config.pruned_heads`` records the union so that a saved model
+        reloads with the same shapes. A layer may lose all its heads (its attention then adds
+        only the output projection's bias; the residual path stays).
+        """
+        layers = self.attention_layers()
+        if not isinstance(heads_to_prune, dict):
+            raise TypeError(f"prune_heads takes {{layer: [heads]}}, got {type(heads_to_prune).__name__}")
+        checked = {}
+        for layer, heads in heads_to_prune.items():
+            if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < len(layers):
+                raise ValueError(f"prune_heads: layer {layer!r} is out of range; the model has layers 0..{len(layers) - 1}")
+            heads = [heads] if isinstance(heads, (int, np.integer)) else list(heads)
+            total = layers[layer].total_heads
+            bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or not 0 <= h < total]
+            if bad:
+                raise ValueError(f"prune_heads: layer {layer} has heads 0..{total - 1}; head(s) {bad} are out of range")
+            checked[int(layer)] = {int(h) for h in heads}
+        for layer, heads in checked.items():
+            layers[layer].prune_heads(heads)
+            merged = set(self.config.pruned_heads.get(layer, [])) | heads
+            self.config.pruned_heads[layer] = sorted(merged)
+        self.refresh_after_surgery()
+        return self
+
+    def heads_per_layer(self):
+        return [attention.num_heads for attention in self.attention_layers()]
+
+    # ---- counting ---------------------------------------------------------------------------
+    def num_parameters(self, exclude_embeddings=False):
+        total = 0
+        for name, param in self.parameters_and_names():
+            if exclude_embeddings and self._is_embedding_parameter(name):
+                continue
+            total += int(np.prod(param.shape))
+        return total
+
+    def _is_embedding_parameter(self, name):
+        return False
+
+    def forward_flops(self, seq_len, batch_size=1):
+        """Multiply-adds x 2 of one forward pass, from the structure (after pruning): every
+        projection on every token, plus the attention matmuls; elementwise work is ignored."""
+        flops = 0
+        for name, cell in self.cells_and_names():
+            if isinstance(cell, (Linear, Conv1D)):
+                tokens = seq_len * batch_size if self._is_per_token(name) else batch_size
+                flops += 2 * cell.in_features * cell.out_features * tokens
+            elif isinstance(cell, HeadPrunableAttention):
+                flops += cell.attention_flops(seq_len) * batch_size
+        return flops + self._extra_flops(seq_len) * batch_size
+
+    def _is_per_token(self, cell_name):
+        return True
+
+    def _extra_flops(self, seq_len):
+        return 0

@@ -1,0 +1,36 @@
+"""ms_prune: make MindSpore transformers cheaper to train and to run.
+
+* ``ms_prune.models``: BERT and GPT-2 Cells that load and save Hugging Face checkpoints and
+  physically prune attention heads.
+* ``ms_prune.heads``: LRP (Hard-Concrete / L0) head pruning.
+* ``ms_prune.token_drop``: random layer-wise token dropping (random-LTD).
+* ``ms_prune.layer_drop``: progressive layer dropping (PLD).
+"""
+import importlib.util
+import os
+import sys
+
+__version__ = "0.1.0"
+
+
+def _attach_source_model_zoo():
+    """Make ``ms_prune.models`` importable from a source checkout.
+
+    An installed ms_prune carries the zoo as the subpackage ``ms_prune/models``; in the source
+    tree it is the sibling folder ``models/`` (see setup.py), so map it explicitly.
+    """
+    here = os.path.dirname(os.path.abspath(__file__))
+    if os.path.isdir(os.path.join(here, "models")) or "ms_prune.models" in sys.modules:
+        return
+    source = os.path.join(os.path.dirname(here), "models")
+    init = os.path.join(source, "__init__.py")
+    if not os.path.isfile(init):
+        return
+    spec = importlib.util.spec_from_file_location(
+        "ms_prune.models", init, submodule_search_locations=[source])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["ms_prune.models"] = module
+    spec.loader.exec_module(module)
+
+
+_attach_source_model_zoo()

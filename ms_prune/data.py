@@ -1,0 +1,80 @@
+"""Readers for the evaluation data the samples, benchmarks and tests use.
+
+The data lives outside the repository, in ``../shared/data`` beside the checkout, or wherever
+``MS_PRUNE_DATA`` points; nothing is copied into the project.
+"""
+import csv
+import os
+
+import numpy as np
+
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def data_dir():
+    """The shared data folder (``$MS_PRUNE_DATA``, else ``../shared/data`` beside the repo)."""
+    candidates = [os.environ.get("MS_PRUNE_DATA"),
+                  os.path.join(_REPO_ROOT, "..", "shared", "data"),
+                  os.path.join(os.getcwd(), "..", "shared", "data")]
+    for path in candidates:
+        if path and os.path.isdir(path):
+            return os.path.abspath(path)
+    raise FileNotFoundError("shared data folder not found: set MS_PRUNE_DATA to the folder holding "
+                            "sst2/, tinyshakespeare.txt and gpt2-bpe/ (looked in ../shared/data)")
+
+
+def data_path(*parts):
+    path = os.path.join(data_dir(), *parts)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist (data folder {data_dir()})")
+    return path
+
+
+def read_sst2(split):
+    """SST-2 as (sentences, labels); split is 'train', 'dev' or 'test' (the GLUE dev set)."""
+    if split not in ("train", "dev", "test"):
+        raise ValueError(f"SST-2 split must be 'train', 'dev' or 'test', got {split!r}")
+    sentences, labels = [], []
+    with open(data_path("sst2", f"{split}.tsv"), encoding="utf-8") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        next(reader)
+        for row in reader:
+            sentences.append(row[0].strip())
+            labels.append(int(row[1]))
+    return sentences, np.asarray(labels, np.int32)
+
+
+def gpt2_tokenizer():
+    """The original GPT-2 byte-level BPE (``tokenizers`` library) from the shared files."""
+    from tokenizers import ByteLevelBPETokenizer
+    return ByteLevelBPETokenizer.from_file(data_path("gpt2-bpe", "encoder.json"),
+                                           data_path("gpt2-bpe", "vocab.bpe"))
+
+
+def shakespeare_tokens(val_fraction=0.1):
+    """tiny Shakespeare as GPT-2 token ids: (train, val), the usual first-90%/last-10% split."""
+    with open(data_path("tinyshakespeare.txt"), encoding="utf-8") as f:
+        text = f.read()
+    split = int(len(text) * (1 - val_fraction))
+    tokenizer = gpt2_tokenizer()
+    encode = lambda t: np.asarray(tokenizer.encode(t).ids, np.int32)
+    return encode(text[:split]), encode(text[split:])
+
+
+def lm_batches(tokens, batch_size, seq_len, rng):
+    """Endless random (input_ids, labels) windows of a token stream, labels shifted by one."""
+    while True:
+        starts = rng.integers(0, len(tokens) - seq_len - 1, batch_size)
+        window = np.stack([tokens[s:s + seq_len + 1] for s in starts])
+        yield window[:, :-1], window[:, 1:]
+
+
+def lm_eval_windows(tokens, batch_size, seq_len, max_batches=None):
+    """Consecutive non-overlapping (input_ids, labels) windows for perplexity."""
+    count = (len(tokens) - 1) // seq_len
+    windows = np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in range(count)])
+    for b, start in enumerate(range(0, count - batch_size + 1, batch_size)):
+        if max_batches is not None and b >= max_batches:
+            return
+        chunk = windows[start:start + batch_size]
+        yield chunk[:, :-1], chunk[:, 1:]
