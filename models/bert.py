@@ -17,7 +17,7 @@ from .modeling_utils import (Embedding, HeadPrunableAttention, LayerNorm, Linear
                              PretrainedConfig, additive_padding_bias, slice_input_projection,
                              slice_output_projection)
 
-__all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "HeadPrunerBertLRP"]
+__all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "HeadPrunerBertLRP", "mean_pooling"]
 
 
 class BertConfig(PretrainedConfig):
@@ -278,3 +278,9 @@ def __getattr__(name):
         from ms_prune.heads.lrp import HeadPrunerBertLRP
         return HeadPrunerBertLRP
     raise AttributeError(name)
+
+
+def mean_pooling(sequence_output, attention_mask):
+    """Average of the token vectors that the mask keeps: sentence-transformers' sentence embedding."""
+    weights = attention_mask.astype(sequence_output.dtype).expand_dims(-1)
+    return (sequence_output * weights).sum(axis=1) / ops.clamp(weights.sum(axis=1), min=1e-9)

@@ -478,6 +478,41 @@ class PreTrainedCell(nn.Cell):
     def heads_per_layer(self):
         return [attention.num_heads for attention in self.attention_layers()]
 
+    # ---- LRP head gates (ms_prune.heads; owned by the LRP head pruner) -------------------------
+    def _set_return_penalty(self, flag):
+        # The task model unpacks its backbone's outputs, so both must agree.
+        self.return_penalty = flag
+        backbone = self._backbone() if hasattr(self, "_backbone") else self
+        backbone.return_penalty = flag
+
+    def apply_gates(self, l0_penalty=1.0, **gate_kwargs):
+        """Put a ``ConcreteGate`` on the heads of every attention layer (from this model down)
+        and make the model return the summed gate penalty as its last output. ``gate_kwargs``
+        go to ``ConcreteGate`` (temperature, stretch_limits, eps, threshold, init_log_a).
+        A layer whose heads are all pruned gets no gate."""
+        from ms_prune.heads.concrete_gate import ConcreteGate
+        for attention in self.attention_layers():
+            attention.head_gate = (ConcreteGate(attention.num_heads, l0_penalty=l0_penalty, **gate_kwargs)
+                                   if attention.num_heads else None)
+        self._set_return_penalty(True)
+        return self.refresh_after_surgery()
+
+    def remove_gates(self):
+        """Drop the gates; the model returns its plain outputs again."""
+        for attention in self.attention_layers():
+            attention.head_gate = None
+        self._set_return_penalty(False)
+        return self.refresh_after_surgery()
+
+    def get_gate_values(self):
+        """Evaluation gate values per layer (numpy, one per current head; empty for a layer
+        without heads), or None for an ungated model. A value of 0 means the head is closed."""
+        gates = [attention.head_gate for attention in self.attention_layers()]
+        if all(gate is None for gate in gates):
+            return None
+        return [gate.gate_values() if gate is not None else np.zeros((0,), np.float32) for gate in gates]
+    # ---- end of LRP head gates ---------------------------------------------------------------
+
     # ---- counting ---------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings=False):
         total = 0
