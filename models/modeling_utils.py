@@ -415,7 +415,7 @@ class PreTrainedCell(nn.Cell):
         if mismatched:
             problems.append("shape does not fit the config: " + "; ".join(mismatched))
         if missing:
-            problems.append(f"missing from the checkpoint: {missing}")
+            problems.append(f"missing from the checkpoint: {[self._to_hf(n) for n in missing]}")
         if unexpected and strict:
             problems.append(f"unexpected tensors (no parameter of {type(self).__name__} takes them; "
                             f"strict=False only reports them): {unexpected}")
