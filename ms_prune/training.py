@@ -12,7 +12,9 @@ def set_context(mode="graph", device_target="CPU", seed=None):
     if mode not in ("graph", "pynative"):
         raise ValueError(f"mode must be 'graph' or 'pynative', got {mode!r}")
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
-    ms.set_device(device_target)
+    # set_device raises once kernels have run, even for the same target: set it only on change.
+    if ms.get_context("device_target") != device_target:
+        ms.set_device(device_target)
     if seed is not None:
         ms.set_seed(seed)
 
