@@ -78,3 +78,12 @@ def lm_eval_windows(tokens, batch_size, seq_len, max_batches=None):
             return
         chunk = windows[start:start + batch_size]
         yield chunk[:, :-1], chunk[:, 1:]
+
+
+def compact_vocabulary(*streams):
+    """Re-number token ids to 0..V-1 over the ids the streams use: (new streams, V). A small
+    model trained on one corpus then does not pay for the 50k-row GPT-2 embedding and LM head."""
+    used = np.unique(np.concatenate(streams))
+    lookup = np.zeros(int(used.max()) + 1, np.int32)
+    lookup[used] = np.arange(len(used), dtype=np.int32)
+    return [lookup[s] for s in streams], len(used)

@@ -1,0 +1,412 @@
+"""Random layer-wise token dropping (random-LTD, Yao et al. 2022, arXiv 2211.11586) for MindSpore.
+
+In training, a wrapped transformer layer sees only ``r`` tokens per sequence, drawn at random and
+kept in their original order; the other tokens bypass the layer unchanged. The layer really runs
+on ``(batch, r, hidden)`` tensors, so its cost falls with ``r`` (attention with ``r**2``).
+
+Graph mode needs static shapes, so ``r`` is a Python int frozen into each compiled graph:
+:class:`RandomLTDTrainStep` keeps one compiled step per distinct kept length (and batch shape),
+which bounds compilations by :meth:`RandomLTDScheduler.distinct_lengths`.
+"""
+import numbers
+
+import mindspore as ms
+from mindspore import Parameter, Tensor, nn, ops
+
+from ms_prune.models.modeling_utils import Conv1D, HeadPrunableAttention, Linear
+from ms_prune.training import compiled_graph_count, make_train_step
+
+from .scheduler import RandomLTDScheduler, set_learning_rate
+
+__all__ = ["RandomLayerTokenDrop", "TokenDraw", "convert_to_random_ltd", "revert_random_ltd",
+           "random_ltd_layers", "gather_tokens", "scatter_tokens", "kept_attention_bias",
+           "RandomLTDTrainStep", "make_random_ltd_train_step", "apply_random_ltd", "RandomLTD",
+           "forward_flops_with_ltd"]
+
+
+# --------------------------------------------------------------------------------------------
+# Gather / scatter: plain differentiable ops (gather_nd, tensor_scatter_update), so MindSpore's
+# own autodiff carries gradients through them on CPU, GPU and Ascend.
+# --------------------------------------------------------------------------------------------
+def _nd_indices(positions, batch_first):
+    """(batch, r) sorted positions -> (batch, r, 2) or (r, batch, 2) gather_nd indices."""
+    batch, kept = positions.shape
+    rows = ops.broadcast_to(ops.arange(batch).astype(ms.int32).reshape(batch, 1), (batch, kept))
+    if batch_first:
+        return ops.stack((rows, positions), -1)
+    return ops.stack((positions.T, rows.T), -1)
+
+
+def gather_tokens(hidden_states, positions, batch_first=True):
+    """The tokens at ``positions`` (batch, r): (B, S, ...) -> (B, r, ...), or (S, B, ...) ->
+    (r, B, ...) when not ``batch_first``."""
+    return ops.gather_nd(hidden_states, _nd_indices(positions, batch_first))
+
+
+def scatter_tokens(full, kept, positions, batch_first=True):
+    """``full`` with the tokens at ``positions`` replaced by ``kept`` (inverse of gather_tokens)."""
+    return ops.tensor_scatter_update(full, _nd_indices(positions, batch_first), kept)
+
+
+def kept_attention_bias(attention_bias, positions, seq_len):
+    """The additive bias among the kept tokens, taken at their real positions.
+
+    ``attention_bias`` is (b, heads, queries, keys) with b in {1, batch}; an axis of length
+    ``seq_len`` among queries/keys is indexed by the kept positions, a length-1 axis broadcasts.
+    So a causal bias keeps causality between real positions and padding stays masked: slicing
+    the first r rows and columns (DeepSpeed's GPT path) is right only without padding.
+    """
+    if attention_bias is None:
+        return None
+    batch, kept = positions.shape
+    _, heads, queries, keys = attention_bias.shape
+    bias = ops.broadcast_to(attention_bias, (batch, heads, queries, keys))
+    if queries == seq_len:
+        rows = ops.broadcast_to(positions.reshape(batch, 1, kept, 1), (batch, heads, kept, keys))
+        bias = ops.gather_elements(bias, 2, rows)
+        queries = kept
+    if keys == seq_len:
+        cols = ops.broadcast_to(positions.reshape(batch, 1, 1, kept), (batch, heads, queries, kept))
+        bias = ops.gather_elements(bias, 3, cols)
+    return bias
+
+
+def sorted_topk_positions(scores, kept):
+    """Positions of the ``kept`` largest scores per row, in increasing order (int32)."""
+    positions = ops.topk(scores, kept)[1]
+    # float sort: exact below 2**24 positions, and float sort exists on every backend
+    return ops.sort(positions.astype(ms.float32), -1)[0].astype(ms.int32)
+
+
+class TokenDraw(nn.Cell):
+    """One random draw per step shared by the wrappers that hold it.
+
+    The first wrapper of the group (``draws=True``) writes fresh uniform scores into ``scores``;
+    the later ones read them, so all take the same top-r positions (nested sets when their kept
+    lengths differ). ``scores`` has a static shape: :meth:`use_shape` selects (or creates) the
+    buffer for a batch shape before a graph is compiled; each compiled graph keeps the buffer
+    it was built with. Wrappers whose input shape does not match draw on their own.
+
+    Wrappers hold this Cell unregistered, so its buffers are not model parameters: they are not
+    trained, counted or saved.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._buffers = {}
+        self.scores = self._buffer((1, 1))
+
+    def _buffer(self, shape):
+        if shape not in self._buffers:
+            self._buffers[shape] = Parameter(ops.zeros(shape, ms.float32), requires_grad=False,
+                                             name=f"random_ltd_scores_{id(self)}_{shape[0]}x{shape[1]}")
+        return self._buffers[shape]
+
+    def use_shape(self, batch_size, seq_len):
+        self.scores = self._buffer((int(batch_size), int(seq_len)))
+
+
+class RandomLayerTokenDrop(nn.Cell):
+    """Wraps a transformer layer ``layer(hidden_states, attention_bias) -> hidden | tuple``.
+
+    Training (``self.training``) with ``kept_length = r < seq_len``: draws ``r`` sorted random
+    positions per sequence, runs the layer on those tokens with the bias among their real
+    positions, and scatters the outputs back: the first output (the hidden states) into the input,
+    other per-token outputs (leading dims equal to the kept tokens') into zeros; outputs that are
+    not per token (the layer's penalty scalar) pass unchanged. Evaluation, ``kept_length=None``,
+    or ``r >= seq_len`` (when ``skip_when_full``): the layer runs on all tokens.
+
+    ``batch_first=False`` takes (seq, batch, hidden) states. ``kept_length`` is a Python int:
+    changing it changes the graph, see :class:`RandomLTDTrainStep`.
+    """
+
+    def __init__(self, layer, kept_length=None, batch_first=True, skip_when_full=True):
+        super().__init__()
+        if not isinstance(layer, nn.Cell):
+            raise TypeError(f"RandomLayerTokenDrop wraps a mindspore.nn.Cell, got {type(layer).__name__}")
+        if isinstance(layer, RandomLayerTokenDrop):
+            raise ValueError("this layer is already wrapped by RandomLayerTokenDrop")
+        if not isinstance(batch_first, bool) or not isinstance(skip_when_full, bool):
+            raise TypeError(f"batch_first and skip_when_full must be bool, got {batch_first!r}, {skip_when_full!r}")
+        self.layer = layer
+        self.batch_first = batch_first
+        self.skip_when_full = skip_when_full
+        self.kept_length = None
+        self.set_kept_length(kept_length)
+        self.draws = True
+        object.__setattr__(self, "token_draw", None)
+
+    def set_kept_length(self, kept_length):
+        if kept_length is not None and (isinstance(kept_length, bool) or not isinstance(kept_length, numbers.Integral)
+                                        or kept_length < 1):
+            raise ValueError(f"kept_length must be None (keep all) or an int >= 1, got {kept_length!r}")
+        self.kept_length = None if kept_length is None else int(kept_length)
+
+    def share_draw(self, token_draw, draws):
+        """Take positions from ``token_draw`` (a :class:`TokenDraw`, or None for an own draw);
+        ``draws``: this wrapper is the group's first and draws for the step."""
+        if token_draw is not None and not isinstance(token_draw, TokenDraw):
+            raise TypeError(f"token_draw must be a TokenDraw or None, got {type(token_draw).__name__}")
+        object.__setattr__(self, "token_draw", token_draw)
+        self.draws = bool(draws)
+
+    def _positions(self, batch, seq, kept):
+        draw = self.token_draw
+        if draw is not None and draw.scores.shape == (batch, seq):
+            if self.draws:
+                ops.assign(draw.scores, ops.rand(batch, seq))
+            return sorted_topk_positions(draw.scores, kept)
+        return sorted_topk_positions(ops.rand(batch, seq), kept)
+
+    def construct(self, hidden_states, attention_bias):
+        seq_axis = 1 if self.batch_first else 0
+        seq = hidden_states.shape[seq_axis]
+        if not self.training or self.kept_length is None:
+            return self.layer(hidden_states, attention_bias)
+        if self.kept_length >= seq and self.skip_when_full:
+            return self.layer(hidden_states, attention_bias)
+        kept = min(self.kept_length, seq)
+        batch = hidden_states.shape[1 - seq_axis]
+        positions = self._positions(batch, seq, kept)
+        outputs = self.layer(gather_tokens(hidden_states, positions, self.batch_first),
+                             kept_attention_bias(attention_bias, positions, seq))
+        if not isinstance(outputs, (tuple, list)):
+            return scatter_tokens(hidden_states, outputs, positions, self.batch_first)
+        restored = (scatter_tokens(hidden_states, outputs[0], positions, self.batch_first),)
+        kept_dims = (batch, kept) if self.batch_first else (kept, batch)
+        for output in outputs[1:]:
+            if isinstance(output, Tensor) and output.ndim >= 2 and output.shape[:2] == kept_dims:
+                full_shape = output.shape[:seq_axis] + (seq,) + output.shape[seq_axis + 1:]
+                restored = restored + (scatter_tokens(ops.zeros(full_shape, output.dtype), output, positions,
+                                                      self.batch_first),)
+            else:
+                restored = restored + (output,)
+        return restored
+
+
+# --------------------------------------------------------------------------------------------
+# Model surgery
+# --------------------------------------------------------------------------------------------
+def _layer_slots(model, layer_class):
+    """[(container, key, layer)] of the model's transformer layers, in order."""
+    if layer_class is None:
+        if not hasattr(model, "transformer_layers"):
+            raise ValueError(f"{type(model).__name__} has no transformer_layers(); name its layer class with "
+                             f"layer_class='ClassName' (or pass the class)")
+        layers = model.transformer_layers()
+        return [(layers, i, layers[i]) for i in range(len(layers))]
+    if not isinstance(layer_class, (type, str)):
+        raise TypeError(f"layer_class must be a class or a class name, got {type(layer_class).__name__}")
+    label = layer_class if isinstance(layer_class, str) else layer_class.__name__
+
+    def matches(cell):
+        return isinstance(cell, layer_class) if isinstance(layer_class, type) else type(cell).__name__ == layer_class
+    slots = []
+    for _, parent in model.cells_and_names():
+        if isinstance(parent, RandomLayerTokenDrop):
+            continue
+        for key, child in parent.name_cells().items():
+            if matches(child):
+                slots.append((parent, int(key) if isinstance(parent, (nn.CellList, nn.SequentialCell)) else key, child))
+    if not slots:
+        raise ValueError(f"{type(model).__name__} has no layers of class {label!r}")
+    return slots
+
+
+def _set_slot(container, key, cell):
+    if isinstance(key, int):
+        container[key] = cell
+    else:
+        setattr(container, key, cell)
+
+
+def _refresh(model):
+    if hasattr(model, "refresh_after_surgery"):
+        model.refresh_after_surgery()
+
+
+def random_ltd_layers(model):
+    """The RandomLayerTokenDrop wrappers of a model, in order."""
+    return [cell for _, cell in model.cells_and_names() if isinstance(cell, RandomLayerTokenDrop)]
+
+
+def convert_to_random_ltd(model, layer_ids=None, layer_class=None, kept_length=None, batch_first=True,
+                          share_draw=True):
+    """Wrap layers of ``model`` in :class:`RandomLayerTokenDrop`; returns the wrappers.
+
+    ``layer_ids``: indices among the model's layers (ours: ``model.transformer_layers()``; other
+    models: the Cells of class ``layer_class``, in model order); default all but the first and
+    the last, which the paper keeps full. ``share_draw``: one random draw per step shared by the
+    wrapped layers (else each layer draws its own, as DeepSpeed does).
+    """
+    slots = _layer_slots(model, layer_class)
+    count = len(slots)
+    if any(isinstance(layer, RandomLayerTokenDrop) for _, _, layer in slots) or random_ltd_layers(model):
+        raise ValueError(f"{type(model).__name__} already has random-LTD layers; revert_random_ltd first")
+    if layer_ids is None:
+        layer_ids = list(range(1, count - 1))
+        if not layer_ids:
+            raise ValueError(f"{type(model).__name__} has {count} layer(s): with the first and last kept full none "
+                             f"is left to wrap; pass layer_ids explicitly")
+    layer_ids = list(layer_ids) if not isinstance(layer_ids, numbers.Integral) else [layer_ids]
+    bad = [i for i in layer_ids if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 0 <= i < count]
+    if bad:
+        raise ValueError(f"layer_ids {bad} are not layer indices: the model has layers 0..{count - 1}")
+    if len(set(layer_ids)) != len(layer_ids) or not layer_ids:
+        raise ValueError(f"layer_ids must be distinct and non-empty, got {layer_ids}")
+    draw = TokenDraw() if share_draw else None
+    wrappers = []
+    for n, i in enumerate(sorted(int(i) for i in layer_ids)):
+        container, key, layer = slots[i]
+        wrapper = RandomLayerTokenDrop(layer, kept_length=kept_length, batch_first=batch_first)
+        wrapper.share_draw(draw, draws=n == 0)
+        wrapper.set_train(model.training)  # a new Cell starts in eval mode; keep the model's mode
+        _set_slot(container, key, wrapper)
+        wrappers.append(wrapper)
+    _refresh(model)
+    return wrappers
+
+
+def revert_random_ltd(model):
+    """Put the wrapped layers back (parameter names as before, e.g. to save a checkpoint)."""
+    reverted = 0
+    for _, parent in list(model.cells_and_names()):
+        for key, child in list(parent.name_cells().items()):
+            if isinstance(child, RandomLayerTokenDrop):
+                _set_slot(parent, int(key) if isinstance(parent, (nn.CellList, nn.SequentialCell)) else key,
+                          child.layer)
+                reverted += 1
+    if not reverted:
+        raise ValueError(f"{type(model).__name__} has no random-LTD layers to revert")
+    _refresh(model)
+    return model
+
+
+def forward_flops_with_ltd(model, seq_len, batch_size=1):
+    """``model.forward_flops`` with each random-LTD layer counted on its kept tokens: projections
+    scale with the kept length r, attention matmuls with r**2 (gather/scatter are not FLOPs)."""
+    flops = model.forward_flops(seq_len, batch_size)
+    for wrapper in random_ltd_layers(model):
+        if wrapper.kept_length is None or wrapper.kept_length >= seq_len:
+            continue
+        for _, cell in wrapper.layer.cells_and_names():
+            if isinstance(cell, HeadPrunableAttention):
+                flops -= (cell.attention_flops(seq_len) - cell.attention_flops(wrapper.kept_length)) * batch_size
+            elif isinstance(cell, (Linear, Conv1D)):
+                flops -= 2 * cell.in_features * cell.out_features * (seq_len - wrapper.kept_length) * batch_size
+    return flops
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------
+class RandomLTDTrainStep:
+    """A training step that sets each step's kept length from ``scheduler`` on the wrappers.
+
+    One compiled step (``make_train_step``) is kept per (kept length, batch shape, training flag):
+    a new length compiles exactly once, a length seen before reuses its graph. ``compilations``
+    counts graphs actually compiled (from MindSpore's compile records), ``step_keys`` the cache.
+    With ``lr_schedule`` (e.g. :class:`LayerTokenLR`) the optimizer's learning rate follows the
+    consumed layer-tokens. ``inputs[0]`` must be (batch, seq) token ids or (batch, seq, ...)
+    (``batch_first``) or (seq, batch, ...).
+    """
+
+    def __init__(self, model, loss_net, optimizer, scheduler, lr_schedule=None, jit=True, max_compilations=None):
+        if not isinstance(scheduler, RandomLTDScheduler):
+            raise TypeError(f"scheduler must be a RandomLTDScheduler, got {type(scheduler).__name__}")
+        self.wrappers = random_ltd_layers(model)
+        if not self.wrappers:
+            raise ValueError(f"{type(model).__name__} has no random-LTD layers: call convert_to_random_ltd first")
+        if scheduler.ltd_layers != len(self.wrappers):
+            raise ValueError(f"scheduler.ltd_layers is {scheduler.ltd_layers} but the model has "
+                             f"{len(self.wrappers)} random-LTD layers: layer-token counts would be wrong")
+        if max_compilations is not None and (isinstance(max_compilations, bool) or
+                                             not isinstance(max_compilations, int) or max_compilations < 1):
+            raise ValueError(f"max_compilations must be None or an int >= 1, got {max_compilations!r}")
+        self.model, self.loss_net, self.optimizer = model, loss_net, optimizer
+        self.scheduler, self.lr_schedule, self.jit = scheduler, lr_schedule, jit
+        self.max_compilations = max_compilations
+        self.batch_first = self.wrappers[0].batch_first
+        self.draws = {w.token_draw for w in self.wrappers if w.token_draw is not None}
+        self._steps = {}
+        self.compilations = 0
+
+    @property
+    def step_keys(self):
+        return sorted(self._steps, key=str)
+
+    def _shape(self, inputs):
+        shape = inputs[0].shape
+        return (shape[0], shape[1]) if self.batch_first else (shape[1], shape[0])
+
+    def __call__(self, *inputs):
+        batch, seq = self._shape(inputs)
+        kept = min(self.scheduler.kept_length(), seq)
+        for wrapper in self.wrappers:
+            wrapper.set_kept_length(kept)
+        for draw in self.draws:
+            draw.use_shape(batch, seq)
+        if self.lr_schedule is not None:
+            set_learning_rate(self.optimizer, self.lr_schedule(self.scheduler.consumed_layer_tokens))
+        key = (kept, tuple(tuple(x.shape) for x in inputs), bool(self.model.training))
+        step = self._steps.get(key)
+        if step is None:
+            if self.max_compilations is not None and len(self._steps) >= self.max_compilations:
+                raise RuntimeError(f"random-LTD would build step graph {len(self._steps) + 1} (key {key}) but "
+                                   f"max_compilations is {self.max_compilations}; seen keys {self.step_keys}")
+            step = self._steps[key] = make_train_step(self.loss_net, self.optimizer, jit=self.jit)
+        before = compiled_graph_count(step)
+        loss = step(*inputs)
+        self.compilations += compiled_graph_count(step) - before
+        self.scheduler.step(batch, seq)
+        return loss
+
+
+def make_random_ltd_train_step(model, loss_net, optimizer, scheduler, lr_schedule=None, jit=True,
+                               max_compilations=None):
+    """Functional form of :class:`RandomLTDTrainStep`."""
+    return RandomLTDTrainStep(model, loss_net, optimizer, scheduler, lr_schedule, jit, max_compilations)
+
+
+def apply_random_ltd(model, min_value, max_value, require_steps, seq_per_step=16, layer_ids=None,
+                     layer_class=None, batch_first=True, share_draw=True):
+    """Convert ``model`` and return ``(wrappers, scheduler)`` with the layer counts filled in."""
+    total = len(_layer_slots(model, layer_class))
+    wrappers = convert_to_random_ltd(model, layer_ids, layer_class, batch_first=batch_first, share_draw=share_draw)
+    scheduler = RandomLTDScheduler(min_value, max_value, require_steps, seq_per_step,
+                                   total_layers=total, ltd_layers=len(wrappers))
+    return wrappers, scheduler
+
+
+class RandomLTD:
+    """The algorithm as one object: ``apply(model)`` at set-up, ``train_step(...)`` to train.
+
+    >>> ltd = RandomLTD(min_value=32, max_value=128, require_steps=1000)
+    >>> ltd.apply(model)
+    >>> step = ltd.train_step(LMLoss(model), optimizer)
+    """
+
+    def __init__(self, min_value, max_value, require_steps, seq_per_step=16, layer_ids=None, layer_class=None,
+                 batch_first=True, share_draw=True):
+        # validate now, not at apply time
+        RandomLTDScheduler(min_value, max_value, require_steps, seq_per_step)
+        self.kwargs = dict(min_value=min_value, max_value=max_value, require_steps=require_steps,
+                           seq_per_step=seq_per_step, layer_ids=layer_ids, layer_class=layer_class,
+                           batch_first=batch_first, share_draw=share_draw)
+        self.model = self.wrappers = self.scheduler = None
+
+    def apply(self, model):
+        self.wrappers, self.scheduler = apply_random_ltd(model, **self.kwargs)
+        self.model = model
+        return model
+
+    def train_step(self, loss_net, optimizer, lr_schedule=None, jit=True, max_compilations=None):
+        if self.model is None:
+            raise RuntimeError("RandomLTD.train_step: call apply(model) first")
+        return RandomLTDTrainStep(self.model, loss_net, optimizer, self.scheduler, lr_schedule, jit, max_compilations)
+
+    def state_dict(self):
+        return self.scheduler.state_dict()
+
+    def load_state_dict(self, state):
+        self.scheduler.load_state_dict(state)
