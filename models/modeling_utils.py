@@ -282,6 +282,36 @@ def slice_input_projection(projection, rows, layout):
     return Conv1D(weight.shape[0], len(rows), weight=np.ascontiguousarray(weight[:, rows]), bias=bias[rows])
 
 
+class LayerWrapper(nn.Cell):
+    """Base of Cells that wrap one transformer layer (token dropping, layer dropping) without
+    changing the model's parameter names.
+
+    The wrapped layer is held unregistered as ``self.layer`` and its sub-Cells are registered on
+    the wrapper under their own names, so a wrapped model's parameters (and its Hugging Face
+    checkpoints) are named exactly as the unwrapped model's; ``set_train`` reaches the layer too.
+    """
+
+    def __init__(self, layer):
+        super().__init__()
+        if not isinstance(layer, nn.Cell):
+            raise TypeError(f"{type(self).__name__} wraps a mindspore.nn.Cell, got {type(layer).__name__}")
+        if isinstance(layer, LayerWrapper):
+            raise ValueError(f"this layer is already wrapped by {type(layer).__name__}")
+        object.__setattr__(self, "layer", layer)
+        full_names = [(param, param.name) for param in layer.get_parameters()]
+        for name, cell in layer.name_cells().items():
+            setattr(self, name, cell)
+        # Registering renames the parameters relative to this wrapper ("ln_1.weight"); MindSpore's
+        # CellList assignment of the wrapper derives its prefix from the full names, so keep them.
+        for param, name in full_names:
+            param.name = name
+
+    def set_train(self, mode=True):
+        super().set_train(mode)
+        self.layer.set_train(mode)
+        return self
+
+
 def additive_padding_bias(attention_mask, dtype=ms.float32):
     """(batch, seq) 1/0 mask -> (batch, 1, 1, seq) additive bias."""
     return (1.0 - attention_mask.astype(dtype)).reshape(attention_mask.shape[0], 1, 1, -1) * MASK_VALUE

@@ -367,3 +367,14 @@ def test_evaluation_runs_every_token(mode):
     np.testing.assert_array_equal(model(ids, mask).asnumpy(), reference)
     model.set_train(True)
     assert not np.allclose(model(ids, mask).asnumpy(), reference, atol=1e-4)
+
+
+def test_converted_model_checkpoints_keep_their_names(tmp_path):
+    model = tiny_gpt2(n_layer=4)
+    names = [n for n, _ in model.parameters_and_names()]
+    convert_to_random_ltd(model, kept_length=4)
+    assert [n for n, _ in model.parameters_and_names()] == names
+    model.save_pretrained(str(tmp_path))
+    plain = GPT2LMHeadModel.from_pretrained(str(tmp_path))  # strict: every tensor placed
+    for (name, a), (_, b) in zip(model.parameters_and_names(), plain.parameters_and_names()):
+        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=name)

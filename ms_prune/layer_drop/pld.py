@@ -18,8 +18,10 @@ import math
 import numbers
 
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, ops
 from mindspore.train import Callback
+
+from ms_prune.models.modeling_utils import LayerWrapper
 
 __all__ = ["ProgressiveLayerDrop", "PLDLayer", "convert_to_pld", "remove_pld", "pld_layers",
            "pld_theta", "keep_probabilities", "expected_layers_run"]
@@ -126,7 +128,7 @@ class ProgressiveLayerDrop(Callback):
                 f"step={self.global_step}, current_theta={self.current_theta:.4f})")
 
 
-class PLDLayer(nn.Cell):
+class PLDLayer(LayerWrapper):
     """Wraps a pre-LN transformer layer ``(hidden, attention_bias) -> (hidden, penalty)``.
 
     ``index`` is the 1-based position l of the layer among ``num_layers``; ``theta`` the shared
@@ -136,18 +138,13 @@ class PLDLayer(nn.Cell):
     ``count_runs=True`` adds a counter (``runs``) incremented only inside the kept branch, to
     show which branch really executed.
 
-    The wrapped layer's sub-Cells are registered on the wrapper under their own names and the
-    layer itself is held unregistered, so parameter names (and Hugging Face checkpoints) are
-    exactly those of the unwrapped model; theta and the counter are likewise not parameters of
-    the model (the schedule's ``state_dict`` carries theta).
+    Parameter names (and Hugging Face checkpoints) stay those of the unwrapped model
+    (``LayerWrapper``); theta and the counter are likewise not parameters of the model (the
+    schedule's ``state_dict`` carries theta).
     """
 
     def __init__(self, layer, index, num_layers, theta, seed=0, count_runs=False):
-        super().__init__()
-        if not isinstance(layer, nn.Cell):
-            raise TypeError(f"PLDLayer wraps a Cell, got {type(layer).__name__}")
-        if isinstance(layer, PLDLayer):
-            raise ValueError("this layer is already wrapped for progressive layer dropping")
+        super().__init__(layer)
         for name, value in (("index", index), ("num_layers", num_layers), ("seed", seed)):
             if isinstance(value, bool) or not isinstance(value, numbers.Integral):
                 raise TypeError(f"PLDLayer {name} must be an int, got {value!r}")
@@ -158,9 +155,6 @@ class PLDLayer(nn.Cell):
         if not isinstance(theta, Parameter):
             raise TypeError("PLDLayer theta must be the shared theta Parameter "
                             f"(ProgressiveLayerDrop.theta_parameter), got {type(theta).__name__}")
-        object.__setattr__(self, "layer", layer)
-        for name, cell in layer.name_cells().items():
-            setattr(self, name, cell)
         object.__setattr__(self, "pld_theta", theta)
         self.index, self.num_layers, self.count_runs = int(index), int(num_layers), bool(count_runs)
         self.depth_fraction = float(index) / float(num_layers)
@@ -168,11 +162,6 @@ class PLDLayer(nn.Cell):
         self.uniform = ops.UniformReal(seed=int(seed), seed2=int(index))
         object.__setattr__(self, "runs", Parameter(Tensor(0, ms.int32), name=f"pld_runs_{index}",
                                                    requires_grad=False))
-
-    def set_train(self, mode=True):
-        super().set_train(mode)
-        self.layer.set_train(mode)
-        return self
 
     def keep_probability(self):
         return 1.0 - self.depth_fraction * (1.0 - self.pld_theta)

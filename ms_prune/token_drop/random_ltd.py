@@ -13,7 +13,7 @@ import numbers
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from ms_prune.models.modeling_utils import Conv1D, HeadPrunableAttention, Linear
+from ms_prune.models.modeling_utils import Conv1D, HeadPrunableAttention, LayerWrapper, Linear
 from ms_prune.training import compiled_graph_count, make_train_step
 
 from .scheduler import RandomLTDScheduler, set_learning_rate
@@ -106,7 +106,7 @@ class TokenDraw(nn.Cell):
         self.scores = self._buffer((int(batch_size), int(seq_len)))
 
 
-class RandomLayerTokenDrop(nn.Cell):
+class RandomLayerTokenDrop(LayerWrapper):
     """Wraps a transformer layer ``layer(hidden_states, attention_bias) -> hidden | tuple``.
 
     Training (``self.training``) with ``kept_length = r < seq_len``: draws ``r`` sorted random
@@ -116,19 +116,15 @@ class RandomLayerTokenDrop(nn.Cell):
     not per token (the layer's penalty scalar) pass unchanged. Evaluation, ``kept_length=None``,
     or ``r >= seq_len`` (when ``skip_when_full``): the layer runs on all tokens.
 
-    ``batch_first=False`` takes (seq, batch, hidden) states. ``kept_length`` is a Python int:
+    Parameter names stay those of the unwrapped model (``LayerWrapper``), so a converted model
+    saves and loads its checkpoints as it is. ``batch_first=False`` takes (seq, batch, hidden) states. ``kept_length`` is a Python int:
     changing it changes the graph, see :class:`RandomLTDTrainStep`.
     """
 
     def __init__(self, layer, kept_length=None, batch_first=True, skip_when_full=True):
-        super().__init__()
-        if not isinstance(layer, nn.Cell):
-            raise TypeError(f"RandomLayerTokenDrop wraps a mindspore.nn.Cell, got {type(layer).__name__}")
-        if isinstance(layer, RandomLayerTokenDrop):
-            raise ValueError("this layer is already wrapped by RandomLayerTokenDrop")
+        super().__init__(layer)
         if not isinstance(batch_first, bool) or not isinstance(skip_when_full, bool):
             raise TypeError(f"batch_first and skip_when_full must be bool, got {batch_first!r}, {skip_when_full!r}")
-        self.layer = layer
         self.batch_first = batch_first
         self.skip_when_full = skip_when_full
         self.kept_length = None
@@ -268,7 +264,7 @@ def convert_to_random_ltd(model, layer_ids=None, layer_class=None, kept_length=N
 
 
 def revert_random_ltd(model):
-    """Put the wrapped layers back (parameter names as before, e.g. to save a checkpoint)."""
+    """Put the wrapped layers back."""
     reverted = 0
     for _, parent in list(model.cells_and_names()):
         for key, child in list(parent.name_cells().items()):
