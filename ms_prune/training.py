@@ -1,10 +1,13 @@
 """Small pieces every sample, benchmark and algorithm test needs: context set-up, a compiled
 training step, result files."""
 import json
+import math
 import os
 
+import numpy as np
+
 import mindspore as ms
-from mindspore import nn, ops
+from mindspore import Tensor, nn, ops
 
 
 def set_context(mode="graph", device_target="CPU", seed=None):
@@ -76,6 +79,22 @@ class LMLoss(nn.Cell):
         if self.with_penalty:
             return loss + outputs[1]
         return loss
+
+
+def lm_perplexity(model, tokens, batch_size, seq_len, max_batches=None):
+    """exp(mean next-token cross-entropy) over consecutive windows of ``tokens``, in evaluation
+    mode (the model's mode is restored after). Gated models' (logits, penalty) outputs work too."""
+    from ms_prune.data import lm_eval_windows
+    was_training = model.training
+    model.set_train(False)
+    losses = []
+    for inputs, labels in lm_eval_windows(tokens, batch_size, seq_len, max_batches):
+        outputs = model(Tensor(inputs, ms.int32))
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        loss = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), Tensor(labels, ms.int32).reshape(-1))
+        losses.append(float(loss.asnumpy()))
+    model.set_train(was_training)
+    return math.exp(float(np.mean(losses)))
 
 
 def write_json(path, result):

@@ -12,7 +12,6 @@ per-step schedule. Tokens are GPT-2 BPE, re-numbered to the 11.7k ids tiny Shake
 that the LM head does not dominate a small model.
 """
 import argparse
-import math
 import os
 import sys
 import time
@@ -22,23 +21,12 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ms_prune.data import compact_vocabulary, lm_batches, lm_eval_windows, shakespeare_tokens  # noqa: E402
-from ms_prune.training import LMLoss, make_train_step, set_context, write_json  # noqa: E402
+from ms_prune.data import compact_vocabulary, lm_batches, shakespeare_tokens  # noqa: E402
+from ms_prune.training import LMLoss, lm_perplexity, make_train_step, set_context, write_json  # noqa: E402
 
 KEYS = {"model", "seq_len", "batch_size", "steps", "quick_steps", "learning_rate", "min_learning_rate",
         "warmup_fraction", "weight_decay", "random_ltd", "eval_batches", "eval_batches_quick", "log_every", "seed"}
 LTD_KEYS = {"min_value", "max_value", "seq_per_step", "require_fraction", "layer_ids"}
-
-
-def validation_perplexity(model, val, batch_size, seq_len, max_batches):
-    import mindspore as ms
-    from mindspore import Tensor
-    model.set_train(False)
-    loss_net = LMLoss(model)
-    losses = [float(loss_net(Tensor(x, ms.int32), Tensor(y, ms.int32)))
-              for x, y in lm_eval_windows(val, batch_size, seq_len, max_batches)]
-    model.set_train(True)
-    return math.exp(float(np.mean(losses)))
 
 
 def train(name, config, steps, train_ids, val_ids, vocab_size, eval_batches):
@@ -87,7 +75,7 @@ def train(name, config, steps, train_ids, val_ids, vocab_size, eval_batches):
             print(f"[{name}] step {t + 1}/{steps} loss {np.mean(losses[-config['log_every']:]):.3f} kept {kept} "
                   f"layer-tokens {scheduler.consumed_layer_tokens:,} ({time.time() - start:.0f} s)", flush=True)
     train_seconds = time.time() - start
-    ppl = validation_perplexity(model, val_ids, batch, seq, eval_batches)
+    ppl = lm_perplexity(model, val_ids, batch, seq, eval_batches)
     print(f"[{name}] validation perplexity {ppl:.2f}", flush=True)
     result = {"validation_perplexity": ppl, "layer_tokens": scheduler.consumed_layer_tokens,
               "tokens": scheduler.consumed_tokens, "final_train_loss": float(np.mean(losses[-config["log_every"]:])),

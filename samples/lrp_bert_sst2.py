@@ -1,0 +1,279 @@
+"""LRP head pruning of a real pretrained BERT: all-MiniLM-L6-v2 (6 layers x 12 heads) on SST-2.
+
+1. fine-tune MiniLM + a new classifier on SST-2 train;
+2. per target: copy it with a Hard-Concrete gate on every head, train weights and gates (the
+   Lagrangian term brings the expected number of open heads to the target), prune the closed
+   heads for real, fine-tune briefly;
+3. report SST-2 accuracy (the 872-sentence GLUE dev set = ``read_sst2('test')``) before and
+   after, heads kept per layer, parameters, FLOPs and GRAPH_MODE latency into a JSON file and a
+   PNG figure.
+
+    python samples/lrp_bert_sst2.py --quick                 # CPU, GRAPH_MODE, < 15 minutes
+    python samples/lrp_bert_sst2.py                          # the full schedule (hours on 2 CPU cores)
+    python samples/lrp_bert_sst2.py --device_target GPU
+
+Goal: at least half of the 72 heads removed with at most 1.0 point of accuracy lost.
+"""
+import argparse
+import gc
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import yaml
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from ms_prune.benchmarking import compare_latency  # noqa: E402
+from ms_prune.data import read_sst2  # noqa: E402
+from ms_prune.training import set_context, write_json  # noqa: E402
+
+KEYS = {"max_len", "buckets", "batch_size", "eval_batch_size", "freeze_word_embeddings", "finetune", "gates",
+        "targets", "recovery", "latency", "log_every", "seed"}
+
+
+def load_config(path):
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    if set(config) != KEYS:
+        raise ValueError(f"{path}: keys must be {sorted(KEYS)}; got {sorted(config)}")
+    if max(config["buckets"]) < config["max_len"]:
+        raise ValueError(f"{path}: the largest bucket must hold max_len={config['max_len']} tokens")
+    if not config["targets"] or not all(0 < t <= 1 for t in config["targets"]):
+        raise ValueError(f"{path}: targets must be fractions in (0, 1], got {config['targets']}")
+    return config
+
+
+def encode(tokenizer, sentences):
+    return [e.ids for e in tokenizer.encode_batch(sentences)]
+
+
+def pad(rows, buckets):
+    length = min(b for b in buckets if b >= max(len(r) for r in rows))
+    ids = np.zeros((len(rows), length), np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def train_batches(rows, labels, batch_size, buckets, rng):
+    """Endless random batches, each drawn from one length bucket (so most batches are short)."""
+    lengths = np.array([len(r) for r in rows])
+    pools = [np.flatnonzero((lengths <= b) & (lengths > lo)) for lo, b in zip([0] + buckets[:-1], buckets)]
+    pools = [p for p in pools if len(p)]
+    weights = np.array([len(p) for p in pools], np.float64) / len(rows)
+    while True:
+        pool = pools[rng.choice(len(pools), p=weights)]
+        pick = pool[rng.integers(0, len(pool), batch_size)]
+        ids, mask = pad([rows[i] for i in pick], buckets)
+        yield ids, mask, labels[pick]
+
+
+def accuracy(model, rows, labels, batch_size, buckets):
+    model.set_train(False)
+    order = np.argsort([len(r) for r in rows])  # similar lengths together: fewer padded tokens
+    correct = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = order[start:start + batch_size]
+        # the last batch is filled up so that every batch has the same shape (no new graph)
+        ids, mask = pad([rows[i] for i in chunk] + [[0]] * (batch_size - len(chunk)), buckets)
+        out = model(Tensor(ids), Tensor(mask))
+        logits = (out[0] if isinstance(out, tuple) else out).asnumpy()[:len(chunk)]
+        correct += int(np.sum(logits.argmax(-1) == labels[chunk]))
+    return 100.0 * correct / len(rows)
+
+
+def cross_entropy(logits, labels):
+    return ops.cross_entropy(logits, labels)
+
+
+class ClassificationLoss(nn.Cell):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def construct(self, ids, mask, labels):
+        return ops.cross_entropy(self.model(ids, mask), labels)
+
+
+def freeze(model, enabled):
+    if enabled:
+        for name, param in model.parameters_and_names():
+            if name.endswith("embeddings.word_embeddings.weight"):
+                param.requires_grad = False
+
+
+def fine_tune(model, batches, steps, lr, weight_decay, log_every, tag):
+    """Plain fine-tuning, one compiled TrainOneStepCell; lr warms up over the first 10% of the
+    steps, then decays linearly (without warm-up a short run can collapse to one class)."""
+    warmup = max(1, steps // 10)
+    schedule = [lr * min((t + 1) / warmup, (steps - t) / max(1, steps - warmup)) for t in range(steps)]
+    optimizer = nn.AdamWeightDecay(model.trainable_params(), learning_rate=schedule, weight_decay=weight_decay)
+    step = nn.TrainOneStepCell(ClassificationLoss(model), optimizer)
+    step.set_train(True)
+    start, recent = time.time(), []
+    for t in range(steps):
+        recent.append(float(step(*[Tensor(b) for b in next(batches)]).asnumpy()))
+        if (t + 1) % log_every == 0 or t + 1 == steps:
+            print(f"  [{tag}] step {t + 1}/{steps} loss {np.mean(recent[-log_every:]):.4f} "
+                  f"({time.time() - start:.0f} s)", flush=True)
+    model.set_train(False)
+    del step, optimizer
+    release_graph_memory()
+
+
+def release_graph_memory():
+    """Each compiled MiniLM graph holds GBs of CPU memory (measured: ~2.7 GB for a 32 x 64
+    training step); free those of finished phases or a run of several phases is OOM-killed."""
+    gc.collect()
+    ms.ms_memory_recycle()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
+                                                         "lrp_bert_sst2.yaml"))
+    parser.add_argument("--quick", action="store_true", help="short schedules, first target only (< 15 min on CPU)")
+    parser.add_argument("--device_target", default="CPU")
+    parser.add_argument("--json", default="results/lrp_bert_sst2.json")
+    parser.add_argument("--png", default=None, help="figure path (default: the JSON path with .png)")
+    args = parser.parse_args(argv)
+    config = load_config(args.config)
+    set_context("graph", args.device_target, seed=config["seed"])
+
+    from tokenizers import Tokenizer
+    from ms_prune.heads import HeadPrunerBertLRP, train_gated
+    from ms_prune.hub import minilm_dir
+    from ms_prune.models.bert import BertForSequenceClassification
+
+    quick = args.quick
+    pick = lambda section: section["quick_steps"] if quick else section["steps"]  # noqa: E731
+    buckets, log_every = sorted(config["buckets"]), config["log_every"]
+    t0 = time.time()
+    directory = minilm_dir()
+    tokenizer = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(config["max_len"])
+    train_sentences, train_labels = read_sst2("train")
+    test_sentences, test_labels = read_sst2("test")
+    train_rows, test_rows = encode(tokenizer, train_sentences), encode(tokenizer, test_sentences)
+    print(f"SST-2: {len(train_rows)} train / {len(test_rows)} test sentences; MiniLM from {directory}", flush=True)
+    rng = np.random.default_rng(config["seed"])
+    batches = train_batches(train_rows, train_labels, config["batch_size"], buckets, rng)
+    evaluate = lambda m: accuracy(m, test_rows, test_labels, config["eval_batch_size"], buckets)  # noqa: E731
+
+    ms.set_seed(config["seed"])
+    model = BertForSequenceClassification.from_pretrained(directory, num_labels=2)
+    freeze(model, config["freeze_word_embeddings"])
+    ft = config["finetune"]
+    print(f"fine-tuning MiniLM on SST-2 for {pick(ft)} steps of {config['batch_size']}", flush=True)
+    fine_tune(model, batches, pick(ft), ft["lr"], ft["weight_decay"], log_every, "fine-tune")
+    base_accuracy = evaluate(model)
+    print(f"fine-tuned MiniLM: SST-2 accuracy {base_accuracy:.2f}% ({time.time() - t0:.0f} s)", flush=True)
+    work = tempfile.mkdtemp(prefix="lrp_bert_sst2_")
+    model.save_pretrained(work)
+
+    lat = config["latency"]
+    lat_ids = Tensor(np.random.default_rng(1).integers(1000, 20000, (lat["batch_size"], lat["seq_len"])), ms.int32)
+    lat_mask = Tensor(np.ones((lat["batch_size"], lat["seq_len"]), np.int32))
+    base_info = {"accuracy": base_accuracy, "heads": sum(model.heads_per_layer()),
+                 "parameters": model.num_parameters(), "flops": model.forward_flops(lat["seq_len"])}
+    g = config["gates"]
+    runs = []
+    for target in config["targets"][:1] if quick else config["targets"]:
+        candidate = BertForSequenceClassification.from_pretrained(work)
+        pruner = HeadPrunerBertLRP(candidate, target_fraction=target,
+                                   warmup_steps=int(g["warmup_fraction"] * pick(g)))
+        gated = pruner.decorate_model()
+        freeze(gated, config["freeze_word_embeddings"])
+        print(f"target {pruner.target_heads}/{pruner.total_heads} heads: training gates for {pick(g)} steps",
+              flush=True)
+        history = train_gated(pruner, gated, cross_entropy, batches, pick(g), g["lr"], g["gate_lr"],
+                              g["lagrangian_lr"], log_every=log_every,
+                              log=lambda line: print(line, flush=True))
+        release_graph_memory()
+        pruned = pruner.prune_model(gated)
+        del gated
+        # the gated model computes exactly this in evaluation (tests/test_lrp.py), so it is not
+        # evaluated separately
+        pruned_accuracy = evaluate(pruned)
+        print(f"  pruned (= gated model in evaluation, before recovery) {pruned_accuracy:.2f}%, "
+              f"heads per layer {pruned.heads_per_layer()}", flush=True)
+        rec = config["recovery"]
+        freeze(pruned, config["freeze_word_embeddings"])
+        fine_tune(pruned, batches, pick(rec), rec["lr"], rec["weight_decay"], log_every, "recovery")
+        final_accuracy = evaluate(pruned)
+        times = compare_latency({"fine-tuned": lambda: model(lat_ids, lat_mask),
+                                 "pruned": lambda: pruned(lat_ids, lat_mask)},
+                                repeats=lat["quick_repeats"] if quick else lat["repeats"])
+        run = {"target_fraction": target, "target_heads": pruner.target_heads, "heads": sum(pruned.heads_per_layer()),
+               "heads_per_layer": pruned.heads_per_layer(), "pruned_heads": pruned.config.pruned_heads,
+               "accuracy_pruned": pruned_accuracy,
+               "accuracy_after_recovery": final_accuracy, "accuracy_drop": base_accuracy - final_accuracy,
+               "parameters": pruned.num_parameters(), "flops": pruned.forward_flops(lat["seq_len"]),
+               "latency_s": times["pruned"], "latency_base_s": times["fine-tuned"],
+               "speedup": times["fine-tuned"] / times["pruned"], "gate_history": history,
+               "lagrangian_lambda_2": float(pruner.objective.lambda_2.asnumpy())}
+        runs.append(run)
+        print(f"  kept {run['heads']}/72 heads: accuracy {base_accuracy:.2f}% -> {final_accuracy:.2f}% "
+              f"({-run['accuracy_drop']:+.2f} points); parameters {base_info['parameters']:,} -> "
+              f"{run['parameters']:,}; FLOPs/sentence@{lat['seq_len']} {base_info['flops'] / 1e9:.2f}G -> "
+              f"{run['flops'] / 1e9:.2f}G; latency {1e3 * times['fine-tuned']:.0f} ms -> "
+              f"{1e3 * times['pruned']:.0f} ms ({run['speedup']:.2f}x) ({time.time() - t0:.0f} s)", flush=True)
+
+    goal = [r for r in runs if r["heads"] <= 36 and r["accuracy_drop"] <= 1.0]
+    result = {"config": config, "quick": quick, "device": args.device_target, "mode": "GRAPH_MODE",
+              "model": "all-MiniLM-L6-v2 + classifier", "eval_set": "SST-2 GLUE dev (872)",
+              "baseline": base_info, "runs": runs, "goal_met": bool(goal), "seconds": time.time() - t0}
+    if quick:
+        # the quick baseline is fine-tuned for a few dozen steps and the pruned model trains for
+        # more steps after it, so the comparison says nothing about the goal
+        result["goal_met"] = None
+        print("goal (<= 36 of 72 heads kept, <= 1.0 point lost): not assessed in --quick mode (baseline "
+              "under-trained; the pruned model trained longer)", flush=True)
+    else:
+        print(f"goal (<= 36 of 72 heads kept, <= 1.0 point lost): {'met' if goal else 'NOT met'}", flush=True)
+    write_json(args.json, result)
+    plot(runs, base_info, args.png or os.path.splitext(args.json)[0] + ".png")
+    return result
+
+
+def plot(runs, base, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = 2 if len(runs) > 1 else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        layers = np.arange(len(run["heads_per_layer"]))
+        ax.bar(layers + i * width, run["heads_per_layer"], width,
+               label=f"{run['heads']} heads kept: {run['accuracy_after_recovery']:.1f}%")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("heads kept (of 12)")
+    ax.set_title(f"MiniLM on SST-2 (unpruned {base['accuracy']:.1f}%)")
+    ax.legend()
+    if panels == 2:
+        ax = axes[0][1]
+        heads = [base["heads"]] + [r["heads"] for r in runs]
+        acc = [base["accuracy"]] + [r["accuracy_after_recovery"] for r in runs]
+        order = np.argsort(heads)
+        ax.plot(np.array(heads)[order], np.array(acc)[order], "o-")
+        ax.set_xlabel("heads kept (of 72)")
+        ax.set_ylabel("SST-2 accuracy (%)")
+        ax.set_title("accuracy vs heads kept")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
