@@ -97,6 +97,33 @@ def lm_perplexity(model, tokens, batch_size, seq_len, max_batches=None):
     return math.exp(float(np.mean(losses)))
 
 
+def sample_cli(script, doc, keys, quick_help, argv=None, extra_arguments=()):
+    """The command line every sample shares: ``--config`` (samples/configs/<name>.yaml beside the
+    script), ``--quick``, ``--device_target``, ``--json`` (results/<name>.json), plus
+    ``extra_arguments`` ((flag, kwargs) pairs). Returns (args, config); a config whose top-level
+    keys are not exactly ``keys`` is a ValueError naming them."""
+    import argparse
+    import yaml
+    name = os.path.splitext(os.path.basename(script))[0]
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(script)), "configs",
+                                                         name + ".yaml"))
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--device_target", default="CPU", help="CPU, GPU or Ascend")
+    parser.add_argument("--json", default=os.path.join("results", name + ".json"))
+    for flag, kwargs in extra_arguments:
+        parser.add_argument(flag, **kwargs)
+    args = parser.parse_args(argv)
+    with open(args.config, encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    if not isinstance(config, dict):
+        raise ValueError(f"{args.config}: expected a YAML mapping of settings, got {type(config).__name__}")
+    if set(config) != set(keys):
+        raise ValueError(f"{args.config}: keys must be {sorted(keys)}; got {sorted(config)} "
+                         f"(unknown: {sorted(set(config) - set(keys))}, missing: {sorted(set(keys) - set(config))})")
+    return args, config
+
+
 def write_json(path, result):
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

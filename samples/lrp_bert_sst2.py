@@ -14,7 +14,6 @@
 
 Goal: at least half of the 72 heads removed with at most 1.0 point of accuracy lost.
 """
-import argparse
 import gc
 import os
 import sys
@@ -22,7 +21,6 @@ import tempfile
 import time
 
 import numpy as np
-import yaml
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
@@ -30,17 +28,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ms_prune.benchmarking import compare_latency  # noqa: E402
 from ms_prune.data import read_sst2  # noqa: E402
-from ms_prune.training import set_context, write_json  # noqa: E402
+from ms_prune.training import sample_cli, set_context, write_json  # noqa: E402
 
 KEYS = {"max_len", "buckets", "batch_size", "eval_batch_size", "freeze_word_embeddings", "finetune", "gates",
         "targets", "recovery", "latency", "log_every", "seed"}
 
 
-def load_config(path):
-    with open(path, encoding="utf-8") as f:
-        config = yaml.safe_load(f)
-    if set(config) != KEYS:
-        raise ValueError(f"{path}: keys must be {sorted(KEYS)}; got {sorted(config)}")
+def check_config(path, config):
     if max(config["buckets"]) < config["max_len"]:
         raise ValueError(f"{path}: the largest bucket must hold max_len={config['max_len']} tokens")
     if not config["targets"] or not all(0 < t <= 1 for t in config["targets"]):
@@ -136,15 +130,9 @@ def release_graph_memory():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                                                         "lrp_bert_sst2.yaml"))
-    parser.add_argument("--quick", action="store_true", help="short schedules, first target only (< 15 min on CPU)")
-    parser.add_argument("--device_target", default="CPU")
-    parser.add_argument("--json", default="results/lrp_bert_sst2.json")
-    parser.add_argument("--png", default=None, help="figure path (default: the JSON path with .png)")
-    args = parser.parse_args(argv)
-    config = load_config(args.config)
+    args, config = sample_cli(__file__, __doc__, KEYS, "short schedules, first target only (< 15 min on CPU)", argv,
+                              [("--png", dict(default=None, help="figure path (default: the JSON path with .png)"))])
+    check_config(args.config, config)
     set_context("graph", args.device_target, seed=config["seed"])
 
     from tokenizers import Tokenizer

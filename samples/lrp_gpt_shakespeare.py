@@ -10,20 +10,18 @@ heads for real, fine-tune briefly, and report validation perplexity before and a
 Tokens are GPT-2 BPE, re-numbered to the ids tiny Shakespeare uses (``compact_vocabulary``) so
 that the LM head does not dominate a small model.
 """
-import argparse
 import os
 import sys
 import time
 
 import numpy as np
-import yaml
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ms_prune.data import compact_vocabulary, lm_batches, shakespeare_tokens  # noqa: E402
-from ms_prune.training import LMLoss, lm_perplexity, make_train_step, set_context, write_json  # noqa: E402
+from ms_prune.training import LMLoss, lm_perplexity, make_train_step, sample_cli, set_context, write_json  # noqa: E402
 
 KEYS = {"model", "seq_len", "batch_size", "train", "gates", "target_fraction", "recovery", "eval_batches",
         "eval_batches_quick", "log_every", "seed"}
@@ -48,17 +46,7 @@ def train(model, batches, steps, lr, weight_decay, log_every, tag):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                                                         "lrp_gpt_shakespeare.yaml"))
-    parser.add_argument("--quick", action="store_true", help="short schedules (< 15 minutes on CPU)")
-    parser.add_argument("--device_target", default="CPU")
-    parser.add_argument("--json", default="results/lrp_gpt_shakespeare.json")
-    args = parser.parse_args(argv)
-    with open(args.config, encoding="utf-8") as f:
-        config = yaml.safe_load(f)
-    if set(config) != KEYS:
-        raise ValueError(f"{args.config}: keys must be {sorted(KEYS)}; got {sorted(config)}")
+    args, config = sample_cli(__file__, __doc__, KEYS, "short schedules (< 15 minutes on CPU)", argv)
     set_context("graph", args.device_target, seed=config["seed"])
     from ms_prune.heads import HeadPrunerGPTLRP, train_gated
     from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel

@@ -11,13 +11,11 @@ every layer run) is recorded against steps and against that clock; the speed-up 
 the baseline's time to its final loss over the time PLD needed to first reach that loss (linear
 interpolation between evaluations), or "not reached". Writes a JSON and a PNG plot.
 """
-import argparse
 import os
 import sys
 import time
 
 import numpy as np
-import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,7 +26,7 @@ from ms_prune.data import data_path  # noqa: E402
 from ms_prune.layer_drop import ProgressiveLayerDrop, convert_to_pld  # noqa: E402
 from ms_prune.models.bert import BertConfig, BertModel, activation  # noqa: E402
 from ms_prune.models.modeling_utils import LayerNorm, Linear  # noqa: E402
-from ms_prune.training import make_train_step, set_context, write_json  # noqa: E402
+from ms_prune.training import make_train_step, sample_cli, set_context, write_json  # noqa: E402
 
 KEYS = {"model", "vocab_size", "seq_len", "batch_size", "mask_fraction", "steps", "quick_steps", "warmup_fraction",
         "weight_decay", "baseline", "pld", "eval_every", "eval_batches", "eval_batches_quick", "seed", "output_dir"}
@@ -168,17 +166,7 @@ def plot(runs, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                                                         "pld_bert_mlm.yaml"))
-    parser.add_argument("--quick", action="store_true", help="quick_steps steps per run (under 15 minutes on CPU)")
-    parser.add_argument("--device_target", default="CPU")
-    parser.add_argument("--json", default="results/pld_bert_mlm.json")
-    args = parser.parse_args(argv)
-    with open(args.config, encoding="utf-8") as f:
-        config = yaml.safe_load(f)
-    if set(config) != KEYS:
-        raise ValueError(f"{args.config}: keys must be {sorted(KEYS)}; got {sorted(config)}")
+    args, config = sample_cli(__file__, __doc__, KEYS, "quick_steps steps per run (under 15 minutes on CPU)", argv)
     set_context("graph", args.device_target, seed=config["seed"])
     steps = config["quick_steps"] if args.quick else config["steps"]
     eval_count = config["eval_batches_quick"] if args.quick else config["eval_batches"]

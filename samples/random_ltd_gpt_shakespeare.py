@@ -11,18 +11,16 @@ run's own layer-token total), as the random-LTD paper does; for the baseline tha
 per-step schedule. Tokens are GPT-2 BPE, re-numbered to the 11.7k ids tiny Shakespeare uses so
 that the LM head does not dominate a small model.
 """
-import argparse
 import os
 import sys
 import time
 
 import numpy as np
-import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ms_prune.data import compact_vocabulary, lm_batches, shakespeare_tokens  # noqa: E402
-from ms_prune.training import LMLoss, lm_perplexity, make_train_step, set_context, write_json  # noqa: E402
+from ms_prune.training import LMLoss, lm_perplexity, make_train_step, sample_cli, set_context, write_json  # noqa: E402
 
 KEYS = {"model", "seq_len", "batch_size", "steps", "quick_steps", "learning_rate", "min_learning_rate",
         "warmup_fraction", "weight_decay", "random_ltd", "eval_batches", "eval_batches_quick", "log_every", "seed"}
@@ -87,18 +85,10 @@ def train(name, config, steps, train_ids, val_ids, vocab_size, eval_batches):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
-                                                         "random_ltd_gpt_shakespeare.yaml"))
-    parser.add_argument("--quick", action="store_true", help="quick_steps steps per run (under 15 minutes on CPU)")
-    parser.add_argument("--device_target", default="CPU")
-    parser.add_argument("--json", default="results/random_ltd_gpt_shakespeare.json")
-    args = parser.parse_args(argv)
-    with open(args.config, encoding="utf-8") as f:
-        config = yaml.safe_load(f)
-    if set(config) != KEYS or set(config["random_ltd"]) != LTD_KEYS:
-        raise ValueError(f"{args.config}: keys must be {sorted(KEYS)} with random_ltd keys {sorted(LTD_KEYS)}; "
-                         f"got {sorted(config)} / {sorted(config.get('random_ltd') or {})}")
+    args, config = sample_cli(__file__, __doc__, KEYS, "quick_steps steps per run (under 15 minutes on CPU)", argv)
+    if set(config["random_ltd"]) != LTD_KEYS:
+        raise ValueError(f"{args.config}: random_ltd keys must be {sorted(LTD_KEYS)}; "
+                         f"got {sorted(config['random_ltd'] or {})}")
     if config["random_ltd"]["max_value"] != config["seq_len"]:
         raise ValueError("random_ltd.max_value must equal seq_len (all tokens kept at the end of the schedule)")
 

@@ -1,0 +1,56 @@
+"""The shared training pieces: the compiled step, perplexity, the samples' command line."""
+import math
+
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor, nn
+
+from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from ms_prune.training import LMLoss, compiled_graph_count, lm_perplexity, make_train_step, sample_cli
+
+
+def tiny_lm():
+    ms.set_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=30, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def test_train_step_lowers_the_loss_and_compiles_once(mode):
+    model = tiny_lm()
+    model.set_train(True)
+    step = make_train_step(LMLoss(model), nn.Adam(model.trainable_params(), 1e-2))
+    rng = np.random.default_rng(0)
+    ids = Tensor(rng.integers(0, 30, (4, 9)), ms.int32)
+    before = compiled_graph_count(step)
+    losses = [float(step(ids[:, :-1], ids[:, 1:]).asnumpy()) for _ in range(8)]
+    assert losses[-1] < losses[0] - 0.1
+    assert compiled_graph_count(step) - before == 1
+
+
+def test_lm_perplexity_matches_numpy_and_restores_mode(mode):
+    model = tiny_lm()
+    model.set_train(True)
+    tokens = np.random.default_rng(1).integers(0, 30, 60).astype(np.int32)
+    got = lm_perplexity(model, tokens, batch_size=2, seq_len=8, max_batches=2)
+    assert model.training
+    model.set_train(False)
+    nll = []
+    for b in range(2):
+        windows = [tokens[i * 8:i * 8 + 9] for i in range(2 * b, 2 * b + 2)]
+        x = np.stack([w[:-1] for w in windows])
+        logits = model(Tensor(x)).asnumpy().astype(np.float64)
+        logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        y = np.stack([w[1:] for w in windows])
+        nll.append(-np.take_along_axis(logp, y[..., None], -1).mean())
+    assert got == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
+
+
+def test_sample_cli_names_bad_config_keys(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: 3\nstepz: 4\n")
+    with pytest.raises(ValueError, match=r"unknown: \['stepz'\], missing: \['seed'\]"):
+        sample_cli("samples/x.py", "doc", {"steps", "seed"}, "quick", ["--config", str(config)])
+    config.write_text("steps: 3\nseed: 1\n")
+    args, values = sample_cli("samples/x.py", "doc", {"steps", "seed"}, "quick", ["--config", str(config), "--quick"])
+    assert args.quick and args.json == "results/x.json" and values == {"steps": 3, "seed": 1}
