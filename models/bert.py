@@ -121,6 +121,9 @@ class BertAttention(HeadPrunableAttention):
             return hidden_states + projected, penalty
         return self.output.LayerNorm(projected + hidden_states), penalty
 
+    def output_projection(self):
+        return self.output.dense, "linear"
+
     def _slice_projections(self, positions):
         columns = self.head_columns(positions)
         for name in ("query", "key", "value"):

@@ -71,6 +71,9 @@ class GPT2Attention(HeadPrunableAttention):
                                        attention_bias, batch, seq)
         return self.resid_dropout(self.c_proj(context)), penalty
 
+    def output_projection(self):
+        return self.c_proj, "conv1d"
+
     def _slice_projections(self, positions):
         columns = self.head_columns(positions)
         inner = self.num_heads * self.head_dim

@@ -251,6 +251,11 @@ class HeadPrunableAttention(nn.Cell):
     def _slice_projections(self, positions):
         raise NotImplementedError
 
+    def output_projection(self):
+        """(cell, layout) of the projection reading the per-head context; layout 'linear' (weight
+        (out, in)) or 'conv1d' (weight (in, out))."""
+        raise NotImplementedError
+
     def head_columns(self, positions):
         """Feature indices (within one projection of width heads*head_dim) of heads at positions."""
         return np.concatenate([np.arange(p * self.head_dim, (p + 1) * self.head_dim) for p in positions]

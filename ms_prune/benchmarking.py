@@ -6,8 +6,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-from ms_prune.models.modeling_utils import Linear
-
 
 def _wait(output):
     # MindSpore may return before the device finishes; reading one small value waits for it.
@@ -42,9 +40,9 @@ def heads_with_smallest_output_norm(model, keep_per_layer):
     and speed measurements; LRP (ms_prune.heads) learns which heads to drop."""
     selection = {}
     for layer, attention in enumerate(model.attention_layers()):
-        dense = attention.output.dense if hasattr(attention, "output") else attention.c_proj
+        dense, layout = attention.output_projection()
         # rows of per_head = input features of the projection = concatenated head outputs
-        per_head = dense.weight.asnumpy().T if isinstance(dense, Linear) else dense.weight.asnumpy()
+        per_head = dense.weight.asnumpy().T if layout == "linear" else dense.weight.asnumpy()
         norms = [np.linalg.norm(per_head[p * attention.head_dim:(p + 1) * attention.head_dim])
                  for p in range(attention.num_heads)]
         order = np.argsort(norms)[::-1]

@@ -46,11 +46,11 @@ def remove_contributions(model, heads):
     """Reference for pruning: zero what the heads feed into the output projection."""
     for layer, layer_heads in heads.items():
         attention = model.attention_layers()[layer]
-        dense = attention.output.dense if hasattr(attention, "output") else attention.c_proj
+        dense, layout = attention.output_projection()
         weight = dense.weight.asnumpy().copy()
         for h in layer_heads:
             cols = slice(h * attention.head_dim, (h + 1) * attention.head_dim)
-            if hasattr(attention, "output"):
+            if layout == "linear":
                 weight[:, cols] = 0.0
             else:
                 weight[cols, :] = 0.0

@@ -54,3 +54,21 @@ def test_sample_cli_names_bad_config_keys(tmp_path):
     config.write_text("steps: 3\nseed: 1\n")
     args, values = sample_cli("samples/x.py", "doc", {"steps", "seed"}, "quick", ["--config", str(config), "--quick"])
     assert args.quick and args.json == "results/x.json" and values == {"steps": 3, "seed": 1}
+
+
+@pytest.mark.parametrize("pre_layer_norm", [False, True], ids=["post-LN", "pre-LN"])
+def test_bert_classifier_trains_one_step(mode, pre_layer_norm):
+    from ms_prune.models.bert import BertConfig, BertForSequenceClassification
+    ms.set_seed(0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=30, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=24,
+        max_position_embeddings=16, pre_layer_norm=pre_layer_norm))
+    model.prune_heads({1: [0, 1]})  # a layer without heads trains too
+    model.set_train(True)
+    loss_net = nn.WithLossCell(model, nn.CrossEntropyLoss())
+    step = make_train_step(loss_net, nn.Adam(model.trainable_params(), 1e-2))
+    ids = Tensor(np.random.default_rng(2).integers(0, 30, (4, 8)), ms.int32)
+    labels = Tensor(np.array([0, 1, 0, 1]), ms.int32)
+    before = model.classifier.weight.asnumpy().copy()
+    loss = float(step(ids, labels).asnumpy())
+    assert np.isfinite(loss) and np.abs(model.classifier.weight.asnumpy() - before).max() > 0

@@ -377,7 +377,7 @@ class HeadPrunerBertLRP(AbstractHeadPrunerLRP):
         return BertModel
 
     def output_projection(self, attention):
-        return attention.output.dense, "linear"
+        return attention.output_projection()
 
 
 class HeadPrunerGPTLRP(AbstractHeadPrunerLRP):
@@ -389,7 +389,7 @@ class HeadPrunerGPTLRP(AbstractHeadPrunerLRP):
         return GPT2Model
 
     def output_projection(self, attention):
-        return attention.c_proj, "conv1d"
+        return attention.output_projection()
 
 
 def lrp_pruner(model, **kwargs):
