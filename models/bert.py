@@ -241,10 +241,11 @@ class BertModel(BertPreTrainedCell):
         if token_type_ids is None:
             token_type_ids = ops.zeros_like(input_ids)
         hidden = self.embeddings(input_ids, token_type_ids)
-        sequence_output, penalty = self.encoder(hidden, additive_padding_bias(attention_mask))
+        encoded = self.encoder(hidden, additive_padding_bias(attention_mask))
+        sequence_output = encoded[0]
         pooled_output = self.pooler(sequence_output)
         if self.return_penalty:
-            return sequence_output, pooled_output, penalty
+            return sequence_output, pooled_output, encoded[1]
         return sequence_output, pooled_output
 
 
