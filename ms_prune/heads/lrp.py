@@ -115,9 +115,10 @@ class AbstractHeadPrunerLRP:
     <= threshold are exactly 0) and pruning, so ``prune_model``'s result computes exactly what
     the gated model computes in evaluation.
 
-    A subclass for a new model family sets ``backbone_class`` and implements
+    A subclass for a new model family sets ``backbone_class``; it implements
     ``output_projection(attention) -> (cell, layout)`` (layout 'linear': weight (out, in), as
-    ``nn.Linear``; 'conv1d': weight (in, out), as GPT-2's Conv1D). The model must be a
+    ``nn.Linear``; 'conv1d': weight (in, out), as GPT-2's Conv1D) when its attention cells do
+    not implement ``output_projection()`` themselves. The model must be a
     ``PreTrainedCell`` whose attentions are ``HeadPrunableAttention`` (see models/). Override
     ``name_mapping`` when the gated copy names tensors differently and ``build_copy`` when the
     model is not rebuilt from ``type(model)(config)``.
@@ -176,8 +177,10 @@ class AbstractHeadPrunerLRP:
 
     # ---- what a subclass provides ---------------------------------------------------------------
     def output_projection(self, attention):
-        """(cell with .weight, layout) of the projection that reads the per-head context."""
-        raise NotImplementedError
+        """(cell with .weight, layout) of the projection that reads the per-head context. The
+        attention cell knows it (``HeadPrunableAttention.output_projection``); override this only
+        for an attention that does not say."""
+        return attention.output_projection()
 
     def name_mapping(self, names):
         """{original tensor name: gated-copy tensor name} for the original's tensors."""
@@ -376,9 +379,6 @@ class HeadPrunerBertLRP(AbstractHeadPrunerLRP):
         from ms_prune.models.bert import BertModel
         return BertModel
 
-    def output_projection(self, attention):
-        return attention.output_projection()
-
 
 class HeadPrunerGPTLRP(AbstractHeadPrunerLRP):
     """LRP for ``GPT2Model`` / ``GPT2LMHeadModel``."""
@@ -387,9 +387,6 @@ class HeadPrunerGPTLRP(AbstractHeadPrunerLRP):
     def backbone_class(self):
         from ms_prune.models.gpt2 import GPT2Model
         return GPT2Model
-
-    def output_projection(self, attention):
-        return attention.output_projection()
 
 
 def lrp_pruner(model, **kwargs):
