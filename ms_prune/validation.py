@@ -1,0 +1,83 @@
+"""The one argument-validation helper of ms_prune: every public constructor and function checks
+its arguments with these, so errors read alike: ``Owner: name must be ..., got value (type)``.
+
+``owner`` names the class or function the user called (what they will look for in their code).
+"""
+import math
+import numbers
+
+__all__ = ["check_int", "check_number", "check_bool", "check_choice", "check_instance", "check_keys"]
+
+
+def _got(value):
+    return f"got {value!r} ({type(value).__name__})"
+
+
+def check_int(owner, name, value, minimum=None, maximum=None, allow_none=False):
+    """An int (not a bool) in [minimum, maximum]; returns it as a Python int (or None)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name} must be an int{' or None' if allow_none else ''}, {_got(value)}")
+    if (minimum is not None and value < minimum) or (maximum is not None and value > maximum):
+        raise ValueError(f"{owner}: {name} must be an int in [{minimum if minimum is not None else '-inf'}, "
+                         f"{maximum if maximum is not None else 'inf'}], {_got(value)}")
+    return int(value)
+
+
+def check_number(owner, name, value, minimum=None, maximum=None, min_open=False, max_open=False,
+                 allow_none=False):
+    """A finite real number (not a bool) in the given interval (open ends with ``*_open``);
+    returns it as a float (or None). A YAML string such as '1e-4' is refused by name: convert
+    config files with ``check_keys``'s caller, not here."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise TypeError(f"{owner}: {name} must be a finite number{' or None' if allow_none else ''}, {_got(value)}")
+    value = float(value)
+    low_bad = minimum is not None and (value <= minimum if min_open else value < minimum)
+    high_bad = maximum is not None and (value >= maximum if max_open else value > maximum)
+    if low_bad or high_bad:
+        low = "-inf" if minimum is None else minimum
+        high = "inf" if maximum is None else maximum
+        raise ValueError(f"{owner}: {name} must be in {'(' if min_open else '['}{low}, {high}"
+                         f"{')' if max_open else ']'}, {_got(value)}")
+    return value
+
+
+def check_bool(owner, name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be True or False, {_got(value)}")
+    return value
+
+
+def check_choice(owner, name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{owner}: {name} must be one of {list(choices)}, {_got(value)}")
+    return value
+
+
+def check_instance(owner, name, value, types, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, types):
+        names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+        raise TypeError(f"{owner}: {name} must be a {names}{' or None' if allow_none else ''}, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+def check_keys(owner, mapping, allowed, required=(), path=""):
+    """A dict whose keys are among ``allowed`` and include ``required``; ``path`` (e.g.
+    'algorithms.pld') prefixes the key names in the error."""
+    where = f"{path}." if path else ""
+    if not isinstance(mapping, dict):
+        raise TypeError(f"{owner}: {path or 'the settings'} must be a mapping, got {type(mapping).__name__}")
+    unknown = sorted(str(k) for k in mapping if k not in allowed)
+    if unknown:
+        raise ValueError(f"{owner}: unknown key(s) {[where + k for k in unknown]}; allowed at "
+                         f"{path or 'the top level'}: {sorted(allowed)}")
+    missing = sorted(k for k in required if k not in mapping)
+    if missing:
+        raise ValueError(f"{owner}: missing key(s) {[where + k for k in missing]}")
+    return mapping
