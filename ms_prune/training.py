@@ -55,6 +55,16 @@ def make_train_step(loss_net, optimizer, jit=True):
     return step
 
 
+def write_parameter(param, value):
+    """Write a host value into ``param`` so that every compiled graph reading it sees it at its
+    next run, with no recompilation: the one way ms_prune moves a host value (a schedule's theta,
+    a target, a learning rate, per-step noise) into a compiled step.
+
+    In place (``ops.assign``), not ``set_data``: a graph compiled with ``ms.jit`` (the PyNative
+    train step) keeps reading the memory it was compiled with, and ``set_data`` swaps it."""
+    ops.assign(param, Tensor(np.asarray(value, dtype=ms.dtype_to_nptype(param.dtype)).reshape(param.shape)))
+
+
 def compiled_graph_count(step):
     """How many graphs MindSpore has compiled for ``step`` plus every ``ms.jit`` graph so far:
     the difference around a call tells whether that call compiled. GRAPH_MODE records a Cell's
