@@ -150,3 +150,24 @@ def test_kill_during_save_leaves_a_checkpoint_that_loads(tmp_path):
                    for n, p in reloaded.parameters_and_names()}
         # each child adds 1 to what it loaded: any single offset is a whole checkpoint
         assert len(offsets) == 1 and offsets <= {0.0, 1.0, 2.0}, f"a mix of old and new tensors: {offsets}"
+
+
+# ---- item 4: LRP prune_model runs once per gated copy ---------------------------------------------
+def test_lrp_prune_model_twice_says_it_already_pruned():
+    from ms_prune.heads.lrp import HeadPrunerBertLRP
+    model = bert()
+    pruner = HeadPrunerBertLRP(model)
+    gated = pruner.decorate_model()
+    for attention, log_a in zip(gated.attention_layers(), [[3.0, -3.0, 3.0, 3.0], [3.0] * 4]):
+        attention.head_gate.set_log_a(log_a)
+    pruner.prune_model(gated)
+    assert model.heads_per_layer() == [3, 4]
+    weights = {n: p.asnumpy() for n, p in model.parameters_and_names()}
+    with pytest.raises(ValueError, match=r"prune_model: the model was already pruned \(heads \{0: \[1\]\} removed; "
+                                         r"heads per layer now \[3, 4\]\).*call decorate_model\(\) again"):
+        pruner.prune_model(gated)
+    assert all(np.array_equal(p.asnumpy(), weights[n]) for n, p in model.parameters_and_names())
+    # a second round the supported way: a new gated copy of the pruned model
+    again = pruner.decorate_model()
+    pruner.prune_model(again)
+    assert model.heads_per_layer() == [3, 4]
