@@ -25,10 +25,18 @@ from mindspore import Tensor, nn, ops
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ms_prune.data import compact_vocabulary, lm_batches, shakespeare_tokens  # noqa: E402
-from ms_prune.training import LMLoss, lm_perplexity, make_train_step, sample_cli, set_context, write_json  # noqa: E402
+from ms_prune.training import (LMLoss, lm_perplexity, make_train_step, sample_cli, set_context,  # noqa: E402
+                               write_json, FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, section_ranges)
 
 KEYS = {"model", "seq_len", "batch_size", "train", "gates", "target_fraction", "recovery", "eval_batches",
         "eval_batches_quick", "log_every", "seed"}
+SCHEDULE = dict(steps=POSITIVE, quick_steps=POSITIVE, lr=RATE)
+RANGES = {"seq_len": POSITIVE, "batch_size": POSITIVE, "target_fraction": OPEN_FRACTION, "eval_batches": POSITIVE,
+          "eval_batches_quick": POSITIVE, "log_every": POSITIVE, "seed": NON_NEGATIVE,
+          **section_ranges("model", n_layer=POSITIVE, n_embd=POSITIVE, n_head=POSITIVE, dropout=(0, 1)),
+          **section_ranges("train", weight_decay=NON_NEGATIVE, **SCHEDULE),
+          **section_ranges("recovery", weight_decay=NON_NEGATIVE, **SCHEDULE),
+          **section_ranges("gates", warmup_fraction=FRACTION, gate_lr=RATE, lagrangian_lr=RATE, **SCHEDULE)}
 
 
 def lm_cross_entropy(logits, labels):
@@ -50,7 +58,7 @@ def train(model, batches, steps, lr, weight_decay, log_every, tag):
 
 
 def main(argv=None):
-    args, config = sample_cli(__file__, __doc__, KEYS, "short schedules (< 15 minutes on CPU)", argv)
+    args, config = sample_cli(__file__, __doc__, KEYS, "short schedules (< 15 minutes on CPU)", argv, ranges=RANGES)
     set_context("graph", args.device_target, seed=config["seed"])
     from ms_prune.heads import HeadPrunerGPTLRP, train_gated
     from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
