@@ -62,6 +62,8 @@ def main(argv=None):
     from ms_prune.validation import check_int
     check_int(args.config, f"seq_len (at most the model's {dense.config.max_position_embeddings} positions)",
               config["seq_len"], 1, dense.config.max_position_embeddings)
+    check_int(args.config, f"keep_heads_per_layer (of the model's {dense.config.num_attention_heads} heads per layer)",
+              config["keep_heads_per_layer"], 0, dense.config.num_attention_heads)
     heads = heads_with_smallest_output_norm(pruned, config["keep_heads_per_layer"])
     print(f"pruning {sum(map(len, heads.values()))} of {sum(dense.heads_per_layer())} heads: {heads}")
     pruned.prune_heads(heads)
