@@ -375,9 +375,18 @@ def densify(array, axis, blocks, total, kept, width):
 
 
 class PrunedUnits:
-    """One layer's prunable units of one kind (``'heads'``; FFN neurons would be another kind):
-    how many there were (``total``), which remain (``kept``, original numbers), features per unit
-    (``width``) and the checkpoint tensors they occupy: (hf_name, axis, blocks)."""
+    """One layer's prunable units of one kind: how many there were (``total``), which remain
+    (``kept``, original numbers), features per unit (``width``) and the checkpoint tensors they
+    occupy: (hf_name, axis, blocks). ``export_hf_dense`` re-inflates every listed tensor.
+
+    Heads of BERT layer i: width head_dim, Q/K/V weights and biases on axis 0, the output
+    projection's weight on axis 1. Another kind adds its entries to the model's
+    ``_prunable_units`` and its config record to ``_pruning_records``; FFN neurons of BERT layer i
+    would be width 1 with ``intermediate.dense.weight``/``.bias`` on axis 0 and
+    ``output.dense.weight`` on axis 1 (GPT-2: ``mlp.c_fc`` weight axis 1 and bias axis 0,
+    ``mlp.c_proj.weight`` axis 0): a zeroed neuron gives act(0) = 0 for gelu/relu, read by a zero
+    column.
+    """
 
     def __init__(self, kind, layer, total, kept, width, tensors):
         self.kind, self.layer, self.total, self.kept, self.width = kind, layer, total, list(kept), width
@@ -598,6 +607,7 @@ class PreTrainedCell(nn.Cell):
         if existing:
             logger.warning("%s.save_pretrained: overwriting the model files %s in %s", type(self).__name__,
                            existing, os.path.abspath(directory))
+        # serialised in memory first (one extra copy of the weights) so that atomic_write gets bytes
         payload = save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata={"format": "pt"})
         with atomic_write(os.path.join(directory, WEIGHTS_NAME)) as weights, \
                 atomic_write(os.path.join(directory, CONFIG_NAME), binary=False) as config_file:
