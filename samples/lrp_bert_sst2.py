@@ -38,10 +38,19 @@ from ms_prune.benchmarking import compare_latency  # noqa: E402
 from ms_prune.data import read_sst2  # noqa: E402
 from ms_prune.engine import Trainer  # noqa: E402
 from ms_prune.engine.recipes import build_algorithms  # noqa: E402
-from ms_prune.training import sample_cli, set_context, write_json  # noqa: E402
+from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, FRACTION, sample_cli,  # noqa: E402
+                               section_ranges, set_context, write_json)
 
 KEYS = {"max_len", "buckets", "batch_size", "eval_batch_size", "freeze_word_embeddings", "finetune", "gates",
         "targets", "recovery", "latency", "log_every", "seed"}
+SCHEDULE = dict(steps=POSITIVE, quick_steps=POSITIVE, lr=RATE)
+RANGES = {"max_len": (1, 512), "buckets": (1, 512), "batch_size": POSITIVE, "eval_batch_size": POSITIVE,
+          "targets": OPEN_FRACTION, "log_every": POSITIVE, "seed": NON_NEGATIVE,
+          **section_ranges("finetune", weight_decay=NON_NEGATIVE, **SCHEDULE),
+          **section_ranges("recovery", weight_decay=NON_NEGATIVE, **SCHEDULE),
+          **section_ranges("gates", warmup_fraction=FRACTION, **SCHEDULE),
+          **section_ranges("gates.algorithms.lrp", gate_lr=RATE, lagrangian_lr=RATE),
+          **section_ranges("latency", batch_size=POSITIVE, seq_len=(1, 512), repeats=POSITIVE, quick_repeats=POSITIVE)}
 
 
 def check_config(path, config):
@@ -136,10 +145,12 @@ def release_graph_memory():
 
 def main(argv=None):
     args, config = sample_cli(__file__, __doc__, KEYS, "short schedules, first target only (< 15 min on CPU)", argv,
-                              [("--png", dict(default=None, help="figure path (default: the JSON path with .png)")),
-                               ("--resume", dict(action="store_true", help="continue from the last checkpoints"))])
+                              [("--png", dict(default=None, help="figure path (None: the JSON path with .png)")),
+                               ("--resume", dict(action="store_true", help="continue from the last checkpoints"))],
+                              ranges=RANGES)
     check_config(args.config, config)
     logging.basicConfig(level=logging.INFO, format="  %(message)s")
+    print(f"the figure goes to {os.path.abspath(args.png or os.path.splitext(args.json)[0] + '.png')}", flush=True)
     set_context("graph", args.device_target, seed=config["seed"])
 
     from tokenizers import Tokenizer
