@@ -73,10 +73,12 @@ fn(*args, **kwargs)
 
 @dataclass
 class GraphPrimitives:
-    """Primitive name -> set of source locations ("file:line", the first outside MindSpore that
-    the IR names) in the frontend graphs and in the CPU kernel graphs."""
+    """Primitive name -> set of source locations ("file:line", the innermost outside MindSpore
+    that the IR names) in the frontend graphs and in the CPU kernel graphs; ``files``: the dump
+    files read (one frontend file per compiled graph, one per kernel graph)."""
     frontend: dict = field(default_factory=dict)
     kernel: dict = field(default_factory=dict)
+    files: list = field(default_factory=list)
 
     @property
     def names(self):
@@ -135,11 +137,17 @@ def read_ir_dump(folder):
                       else result.kernel if KERNEL_FILE.match(filename) else None)
             if target is None:
                 continue
+            result.files.append(filename)
             for name, origins in parse_ir(os.path.join(root, filename)).items():
                 target.setdefault(name, set()).update(origins)
     if not result.frontend and not result.kernel:
         raise RuntimeError(f"graph_primitives: no graph was dumped in {folder}: did the function run a "
                            f"GRAPH_MODE (or ms.jit) graph?")
+    # one kind without the other means MindSpore renamed its dump files: fail rather than check half
+    if not result.frontend or not result.kernel:
+        raise RuntimeError(f"graph_primitives: found {'no' if not result.frontend else 'some'} frontend graph "
+                           f"({FRONTEND_FILE.pattern}) and {'no' if not result.kernel else 'some'} kernel graph "
+                           f"({KERNEL_FILE.pattern}) files in {folder}: has MindSpore renamed its IR dumps?")
     return result
 
 

@@ -8,7 +8,8 @@ import os
 import pytest
 import yaml
 
-from ms_prune.portability import documentation, documented_platforms, graph_primitives, parse_ir, snake_case
+from ms_prune.portability import (GraphPrimitives, documentation, documented_platforms, graph_primitives,
+                                  parse_ir, snake_case)
 
 from .algorithm_settings import ALGORITHM_SETTINGS
 from .test_algorithm_suite import build
@@ -29,21 +30,38 @@ def train_row(row):
     build(row, ALGORITHM_SETTINGS[row]["steps"]).fit()
 
 
-@pytest.mark.parametrize("row", ROWS)
-def test_compiled_training_graph_is_documented_for_ascend_and_gpu(row):
-    allowed = load_allowlist()
-    found = graph_primitives(train_row, row)
-    offending = []
+def offenders(found, allowed):
+    """Lines naming each primitive of ``found`` (a GraphPrimitives) that MindSpore does not
+    document for both Ascend and GPU and that ``allowed`` does not list: its documented platforms,
+    the graphs it is in, and the source lines it comes from."""
+    lines = []
     for name in sorted(found.names):
         platforms, where = documentation(name)
         if (platforms is not None and REQUIRED <= platforms) or name in allowed:
             continue
         documented = f"documented for {sorted(platforms)} in {where}" if platforms else "undocumented"
         graphs = "+".join(g for g, d in (("frontend", found.frontend), ("CPU kernel", found.kernel)) if name in d)
-        offending.append(f"  {name}: {documented}; in the {graphs} graph; from {found.origins(name)[:3]}")
+        lines.append(f"  {name}: {documented}; in the {graphs} graph; from {found.origins(name)[:3]}")
+    return lines
+
+
+@pytest.mark.parametrize("row", ROWS)
+def test_compiled_training_graph_is_documented_for_ascend_and_gpu(row):
+    found = graph_primitives(train_row, row)
+    offending = offenders(found, load_allowlist())
     assert not offending, (
         f"row {row!r}: primitives not documented by MindSpore for both Ascend and GPU and not in "
         f"{os.path.basename(ALLOWLIST_PATH)} (add an entry only with how it was verified):\n" + "\n".join(offending))
+
+
+def test_the_check_names_undocumented_and_single_backend_primitives():
+    found = GraphPrimitives(frontend={"MatMul": {"m.py:1"}, "PowTensorScalar": {"m.py:2"}, "MadeUpOp": {"m.py:3"}},
+                            kernel={"MatMul": {"m.py:1"}, "MakeTuple": set()})
+    lines = offenders(found, allowed={"MakeTuple": {}})
+    assert len(lines) == 2, lines
+    assert lines[0].startswith("  MadeUpOp: undocumented; in the frontend graph; from ['m.py:3']"), lines
+    assert "PowTensorScalar: documented for ['Ascend']" in lines[1], lines
+    assert offenders(found, allowed={"MakeTuple": {}, "MadeUpOp": {}, "PowTensorScalar": {}}) == []
 
 
 def test_allowlist_entries_say_how_they_were_verified_and_are_still_needed():
@@ -57,7 +75,7 @@ def test_allowlist_entries_say_how_they_were_verified_and_are_still_needed():
             f"{name} is now documented for {sorted(platforms)}: remove its allow-list entry")
 
 
-def test_documented_platforms_reads_mindsporess_docstrings():
+def test_documented_platforms_reads_mindspores_docstrings():
     # the primitive class's own docstring
     assert documented_platforms("MatMul") == {"Ascend", "GPU", "CPU"}
     assert documentation("MatMul")[1] == "mindspore.ops.MatMul"
