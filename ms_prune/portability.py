@@ -2,10 +2,10 @@
 backends: what "runs on Ascend and GPU" rests on until a run there is possible.
 
 * :func:`graph_primitives` runs a function in a fresh Python process with MindSpore's IR dump on
-  (``MS_DEV_SAVE_GRAPHS=1``, ``MS_DEV_SAVE_GRAPHS_PATH``: MindSpore 2.10 reads them at start-up;
-  the in-process ``set_context(save_graphs=...)`` is deprecated there, and a fresh process also
-  compiles every graph afresh instead of reusing one cached by an earlier call) and reads two
-  files per compiled graph:
+  (``MS_DEV_SAVE_GRAPHS=1``, ``MS_DEV_SAVE_GRAPHS_PATH``; measured on 2.10: setting them in a
+  running process dumps nothing, and the in-process ``set_context(save_graphs=...)`` works but is
+  deprecated; a fresh process also compiles every graph afresh instead of reusing one cached by an
+  earlier call) and reads two files per compiled graph:
 
   - ``<n>_execute_<k>.ir``: the frontend's final graph, the one every backend is handed (on
     Ascend or GPU the same graph goes to their kernel selection; the CPU backend then rewrites
@@ -34,8 +34,8 @@ backends: what "runs on Ascend and GPU" rests on until a run there is possible.
 
   Nothing fuzzy: a name that none of these finds is undocumented (None).
 
-Eagerly run ops (PyNative, or ``ops.assign`` of a host value between steps) are not in any IR
-dump and so are not covered.
+Not covered: eagerly run ops (PyNative, or ``ops.assign`` of a host value between steps: they are
+in no IR dump), and kernels a backend substitutes on its own (only the CPU's are seen here).
 """
 import importlib
 import os
