@@ -177,13 +177,16 @@ def graph_primitives(fn, *args, timeout=600, **kwargs):
 
 
 # ---- documentation ---------------------------------------------------------------------------
-SUPPORTED = re.compile(r"Supported Platforms:\s*\n((?:\s*``\w+``)+)")
+SUPPORTED = re.compile(r"Supported Platforms:[ \t]*\n\s*(\S[^\n]*)")
 REFER = re.compile(r"Refer to :func:`([\w.]+)`")
 
 
 def _platforms(obj):
+    """(frozenset of the ``Platform`` names, the section's text), or None without the section."""
     match = SUPPORTED.search(getattr(obj, "__doc__", None) or "")
-    return frozenset(re.findall(r"``(\w+)``", match.group(1))) if match else None
+    if not match:
+        return None
+    return frozenset(re.findall(r"``(\w+)``", match.group(1))), match.group(1).strip()
 
 
 def _resolve(dotted):
@@ -218,7 +221,8 @@ def _primitive_class(name):
 
 def documentation(name):
     """``(platforms, where)``: the frozenset of platforms MindSpore documents for primitive
-    ``name`` and the dotted name of the docstring that says so, or ``(None, None)``."""
+    ``name`` and the dotted name of the docstring that says so, or ``(None, None)``. A section
+    naming no platform (``Deprecated``) gives an empty set, its text quoted in ``where``."""
     where, cls = _primitive_class(name)
     steps = []
     if cls is not None:
@@ -232,15 +236,20 @@ def documentation(name):
         dotted = f"{module}.{snake_case(name)}"
         steps.append((dotted, _resolve(dotted)))
     for dotted, obj in steps:
-        platforms = _platforms(obj) if obj is not None else None
-        if platforms:
-            return platforms, dotted
+        section = _platforms(obj) if obj is not None else None
+        if section is None:
+            continue
+        # the first docstring with the section decides, also when it names no platform
+        # (e.g. mindspore.ops.UniformReal: "Supported Platforms: Deprecated")
+        platforms, text = section
+        return platforms, dotted if platforms else f'{dotted} ("Supported Platforms: {text}")'
     return None, None
 
 
 def documented_platforms(name):
     """The set of platforms (``"Ascend"``, ``"GPU"``, ``"CPU"``) MindSpore's docstrings document
-    for primitive ``name``, or None when none of them documents it."""
+    for primitive ``name`` (empty when the section names none, e.g. "Deprecated"), or None when
+    none of them has the section."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"documented_platforms: name must be a primitive name (str), got {name!r}")
     return documentation(name)[0]

@@ -39,7 +39,8 @@ def offenders(found, allowed):
         platforms, where = documentation(name)
         if (platforms is not None and REQUIRED <= platforms) or name in allowed:
             continue
-        documented = f"documented for {sorted(platforms)} in {where}" if platforms else "undocumented"
+        documented = (f"documented for {sorted(platforms)} in {where}" if platforms
+                      else f"documented for no platform in {where}" if platforms is not None else "undocumented")
         graphs = "+".join(g for g, d in (("frontend", found.frontend), ("CPU kernel", found.kernel)) if name in d)
         lines.append(f"  {name}: {documented}; in the {graphs} graph; from {found.origins(name)[:3]}")
     return lines
@@ -84,6 +85,9 @@ def test_documented_platforms_reads_mindspores_docstrings():
     assert documentation("Sigmoid")[1] == "mindspore.ops.sigmoid"
     # documented for one backend only
     assert documented_platforms("PowTensorScalar") == {"Ascend"}
+    # a section naming no platform: an empty set, the text quoted
+    assert documented_platforms("UniformReal") == set()
+    assert documentation("UniformReal")[1] == 'mindspore.ops.UniformReal ("Supported Platforms: Deprecated")'
     # a backward primitive has no platform documentation
     assert documented_platforms("SigmoidGrad") is None
     assert documented_platforms("NoSuchPrimitiveXyz") is None
