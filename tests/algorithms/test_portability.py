@@ -146,3 +146,12 @@ def test_graph_primitives_reads_the_dumped_graph():
 def test_graph_primitives_refuses_what_a_child_process_cannot_import():
     with pytest.raises(TypeError, match="module-level"):
         graph_primitives(lambda: None)
+
+
+def failing_step():
+    raise ValueError("boom in the child")
+
+
+def test_graph_primitives_reports_the_child_s_error():
+    with pytest.raises(RuntimeError, match="boom in the child"):
+        graph_primitives(failing_step)
