@@ -352,7 +352,8 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
         "heads_per_layer": model.heads_per_layer(), "neurons_per_layer": model.neurons_per_layer(),
         "before": before, "after": after,
         "ratios": {m: (after[m] / before[m] if before[m] else None) for m in METRICS},
-        "reachable": [cost_model.base, cost_model.current], "score_seconds": scores.seconds,
+        "reachable": [cost_model.base, cost_model.current],
+        "unit_costs": {"head": cost_model.head_costs, "neuron": cost_model.neuron_costs}, "score_seconds": scores.seconds,
         "refit": refit_report, "scores": scores,
     }
     result.update(details)
