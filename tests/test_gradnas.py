@@ -17,6 +17,7 @@ from ms_prune.gradnas import masks as gradnas_masks
 from ms_prune.gradnas.gradnas import GradNASScores
 from ms_prune.models.bert import BertConfig, BertForSequenceClassification
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from ms_prune.models.modeling_utils import MASK_VALUE
 from ms_prune.training import LMLoss, set_context
 
 from conftest import run_two_workers
@@ -271,7 +272,7 @@ def test_refit_lowers_the_layer_reconstruction_error(mode):
     full.set_train(False)
     ids = Tensor(np.concatenate([b[0] for b in batches]))
     hidden = full.transformer.wte(ids) + full.transformer.wpe(Tensor(np.arange(SEQ, dtype=np.int32)))
-    bias = Tensor(np.zeros((1, 1, SEQ, SEQ), np.float32))  # no causal mask needed to compare sub-layers
+    bias = Tensor((1.0 - np.tril(np.ones((1, 1, SEQ, SEQ), np.float32))) * MASK_VALUE)  # causal, as in scoring
     block = full.transformer.h[0]
     attn_in = block.ln_1(hidden)
     mlp_in = block.ln_2(hidden + block.attn(attn_in, bias)[0])
@@ -286,9 +287,10 @@ def test_refit_lowers_the_layer_reconstruction_error(mode):
                          for k in targets}
     assert errors[True]["attn"] < errors[False]["attn"]
     assert errors[True]["mlp"] < errors[False]["mlp"]
-    # The refit's bookkeeping is the measured error: the causal bias differs from the scoring
-    # forward, so compare with a bias-free forward only in direction, and the numbers loosely.
-    assert errors[True]["mlp"] == pytest.approx(report["neuron_error_refit"][0], rel=0.5, abs=1e-3)
+    # The errors the refit computed from its Gram matrices are the ones measured here.
+    for refit, suffix in ((False, "error"), (True, "error_refit")):
+        assert errors[refit]["attn"] == pytest.approx(report[f"head_{suffix}"][0], rel=1e-3)
+        assert errors[refit]["mlp"] == pytest.approx(report[f"neuron_{suffix}"][0], rel=1e-3)
 
 
 # ---- scores files and baselines ---------------------------------------------------------------------
