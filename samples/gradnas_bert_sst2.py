@@ -58,6 +58,22 @@ def check_config(path, config):
     return config
 
 
+def unpadded_batches(rows, labels, batch_size, count, rng, min_len=12):
+    """Batches of sentences that all have the same length (the most frequent one of at least
+    ``min_len`` tokens), so nothing is padded: the refit reconstructs every token's output and
+    padding tokens would count like words. One length: one compiled graph."""
+    lengths = np.array([len(r) for r in rows])
+    values, counts = np.unique(lengths[lengths >= min_len], return_counts=True)
+    length = int(values[np.argmax(counts)])
+    members = np.flatnonzero(lengths == length)
+    batches = []
+    for _ in range(count):
+        pick = rng.choice(members, batch_size, replace=len(members) < batch_size)
+        ids = np.array([rows[i] for i in pick], np.int32)
+        batches.append((ids, np.ones_like(ids), labels[pick]))
+    return batches
+
+
 def fine_tuned_model(config, quick, batches, log_every):
     """The fine-tuned MiniLM folder, made once per fine-tune setting (in the ms_prune cache)."""
     from ms_prune.hub import default_cache_dir, minilm_dir
@@ -140,14 +156,16 @@ def main(argv=None):
     save_progress()
 
     # one scoring pass (fixed shape: max_len tokens, one graph); reused for every budget
-    score_batches = list(train_batches(train_rows, train_labels, config["batch_size"], [config["max_len"]],
-                                       np.random.default_rng(config["seed"] + 1)).__next__()
-                         for _ in range(pick(config["scoring"], "batches")))
-    refit_batches = score_batches[:pick(config["scoring"], "refit_batches")]
+    scoring_stream = train_batches(train_rows, train_labels, config["batch_size"], [config["max_len"]],
+                                   np.random.default_rng(config["seed"] + 1))
+    score_batches = [next(scoring_stream) for _ in range(pick(config["scoring"], "batches"))]
+    refit_batches = unpadded_batches(train_rows, train_labels, config["batch_size"],
+                                     pick(config["scoring"], "refit_batches"), np.random.default_rng(config["seed"] + 2))
     start = time.time()
     fisher = compute_scores(model, ClassificationLoss(model), score_batches)
     result["score_seconds"] = time.time() - start
     result["score_batches"] = len(score_batches)
+    result["refit_tokens"] = int(sum(b[0].size for b in refit_batches))
     release_graph_memory()
     print(f"scored 72 heads and {sum(len(n) for n in fisher.neurons)} neurons on {len(score_batches)} batches "
           f"of {config['batch_size']}x{config['max_len']} in {result['score_seconds']:.1f} s", flush=True)
