@@ -344,9 +344,17 @@ def test_algorithm_prunes_once_at_fit_start():
     algorithm.apply("FIT_START", state, None)
     assert state.structure_changed and algorithm.result["ratios"]["flops"] <= 0.7
     assert not algorithm.match("FIT_START", state)
-    fresh = GradNAS(bert_batches(1), constraints={"flops": "70%"}, seq_len=SEQ, at_step=3)
-    fresh.load_state_dict(algorithm.state_dict())
-    assert not fresh.match("BATCH_START", state)
+    # a resumed run: the saved decision is redone at AFTER_LOAD on a fresh model, without scoring
+    saved = json.loads(json.dumps(algorithm.state_dict()))
+    resumed_state = _State(bert(seed=1), None)
+    resumed = GradNAS(bert_batches(1), constraints={"flops": "70%"}, seq_len=SEQ, at_step=3)
+    resumed.load_state_dict(saved)
+    assert resumed.match("AFTER_LOAD", resumed_state)
+    resumed.apply("AFTER_LOAD", resumed_state, None)
+    assert resumed_state.structure_changed and not resumed.match("BATCH_START", state)
+    assert resumed_state.model.config.pruned_heads == model.config.pruned_heads
+    assert resumed_state.model.config.pruned_ffn_neurons == model.config.pruned_ffn_neurons
+    assert not resumed.match("AFTER_LOAD", resumed_state)
     late = GradNAS(bert_batches(1), constraints={"flops": "70%"}, seq_len=SEQ, at_step=3)
     state.step = 2
     assert not late.match("BATCH_START", state)

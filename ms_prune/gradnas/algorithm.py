@@ -24,9 +24,14 @@ class GradNAS(Algorithm):
     """Score (on its own ``batches``, with the state's ``loss_net``) and prune the state's model
     once: at FIT_START, or at the first BATCH_START with ``state.step >= at_step``. It then sets
     ``state.structure_changed`` so the trainer rebuilds its step and optimizer. Arguments as in
-    ``apply_gradnas``; ``result`` holds what ``apply_gradnas`` returned."""
+    ``apply_gradnas``; ``result`` holds what ``apply_gradnas`` returned. A resumed run redoes the
+    saved surgery at AFTER_LOAD (before the checkpoint's tensors, refitted ones included, are
+    placed), without scoring again."""
 
     changes_graph = True
+    # Scoring needs the loss net, which a mindspore Model.train callback only has once its one
+    # graph for the whole run is compiled: too late for surgery.
+    runs_in_model_train = False
 
     def __init__(self, batches, constraints, selector="global", seq_len=None, refit=False, method="fisher",
                  num_batches=None, at_step=None, seed=0):
@@ -45,29 +50,48 @@ class GradNAS(Algorithm):
         self.method, self.at_step, self.seed = method, at_step, seed
         self.done = False
         self.result = None
+        self.pruned = None  # {"heads": {layer: [...]}, "neurons": {layer: [...]}} once pruned
+        self._to_restore = None
 
     def match(self, event, state):
+        name = _event_name(event)
+        if name == "AFTER_LOAD":
+            return self._to_restore is not None
         if self.done:
             return False
-        name = _event_name(event)
         if self.at_step is None:
             return name == "FIT_START"
         return name == "BATCH_START" and state.step >= self.at_step
 
     def apply(self, event, state, logger=None):
+        if _event_name(event) == "AFTER_LOAD":
+            # prune_* skip units already gone, so this is safe on a model rebuilt pruned too
+            state.model.prune_heads(self._to_restore["heads"])
+            state.model.prune_ffn_neurons(self._to_restore["neurons"])
+            self.pruned, self._to_restore, self.done = self._to_restore, None, True
+            state.structure_changed = True
+            return
         self.result = apply_gradnas(state.model, state.loss_net, self.batches, constraints=self.constraints,
                                     selector=self.selector, seq_len=self.seq_len, refit=self.refit,
                                     method=self.method, seed=self.seed)
+        self.pruned = {"heads": self.result["pruned_heads"], "neurons": self.result["pruned_neurons"]}
         state.structure_changed = True
         self.done = True
-        log = getattr(logger, "log_metrics", None)
-        if log is not None:
-            log({f"gradnas/{m}_ratio": r for m, r in self.result["ratios"].items() if r is not None})
+        info = getattr(logger, "info", None)
+        if info is not None:
+            info("GradNAS at step %d: heads per layer %s, FFN neurons per layer %s, ratios %s", state.step,
+                 self.result["heads_per_layer"], self.result["neurons_per_layer"], self.result["ratios"])
 
     def state_dict(self):
-        # The pruned structure itself travels in the model's config (pruned_heads,
-        # pruned_ffn_neurons); this only says not to prune again.
-        return {"done": self.done}
+        # JSON: layer keys become strings
+        pruned = None if self.pruned is None else {
+            kind: {str(layer): [int(u) for u in units] for layer, units in per_layer.items()}
+            for kind, per_layer in self.pruned.items()}
+        return {"done": self.done, "pruned": pruned}
 
     def load_state_dict(self, state):
         self.done = bool(state["done"])
+        pruned = state.get("pruned")
+        self._to_restore = None if pruned is None else {
+            kind: {int(layer): list(units) for layer, units in per_layer.items()}
+            for kind, per_layer in pruned.items()}
