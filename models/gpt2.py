@@ -14,8 +14,8 @@ from mindspore import Tensor, nn, ops
 
 from .bert import activation
 from .modeling_utils import (MASK_VALUE, Conv1D, Embedding, HeadPrunableAttention, LayerNorm,
-                             NeuronPrunableFFN, OutputBias, PreTrainedCell, PretrainedConfig, slice_input_projection,
-                             slice_output_projection)
+                             NeuronPrunableFFN, OutputBias, PreTrainedCell, PretrainedConfig, PrunedUnits,
+                             check_model_inputs, slice_input_projection, slice_output_projection)
 
 __all__ = ["GPT2Config", "GPT2Model", "GPT2LMHeadModel", "HeadPrunerGPTLRP"]
 
@@ -139,6 +139,20 @@ class GPT2PreTrainedCell(PreTrainedCell):
     def _is_embedding_parameter(self, name):
         return name.split(".")[-2] in ("wte", "wpe")
 
+    def _prunable_units(self):
+        units = []
+        for i, attention in enumerate(self.attention_layers()):
+            base = f"{self._backbone_name()}h.{i}.attn."
+            # c_attn holds [Q | K | V] (Conv1D: features on axis 1), each sliced alike
+            tensors = [(base + "c_attn.weight", 1, 3), (base + "c_attn.bias", 0, 3), (base + "c_proj.weight", 0, 1)]
+            units.append(PrunedUnits("heads", i, attention.total_heads, attention.kept_heads, attention.head_dim,
+                                     tensors))
+        for i, ffn in enumerate(self.ffn_layers()):
+            base = f"{self._backbone_name()}h.{i}.mlp."
+            tensors = [(base + "c_fc.weight", 1, 1), (base + "c_fc.bias", 0, 1), (base + "c_proj.weight", 0, 1)]
+            units.append(PrunedUnits("neurons", i, ffn.total_neurons, ffn.kept_neurons, 1, tensors))
+        return units
+
     def _zero_size_tensors(self):
         state = {}
         width = self.config.n_embd
@@ -148,6 +162,12 @@ class GPT2PreTrainedCell(PreTrainedCell):
                 state[base + "c_attn.weight"] = np.zeros((width, 0), np.float32)
                 state[base + "c_attn.bias"] = np.zeros((0,), np.float32)
                 state[base + "c_proj.weight"] = np.zeros((0, width), np.float32)
+        for i, ffn in enumerate(self.ffn_layers()):
+            if ffn.num_neurons == 0:
+                base = f"{self._backbone_name()}h.{i}.mlp."
+                state[base + "c_fc.weight"] = np.zeros((width, 0), np.float32)
+                state[base + "c_fc.bias"] = np.zeros((0,), np.float32)
+                state[base + "c_proj.weight"] = np.zeros((0, width), np.float32)
         return state
 
 
@@ -156,6 +176,7 @@ class GPT2Model(GPT2PreTrainedCell):
 
     def __init__(self, config):
         super().__init__(config)
+        self.max_positions = config.n_positions  # a plain int: a graph-mode constant
         heads, neurons = range(config.n_head), range(config.inner_size)
         self.wte = Embedding(config.vocab_size, config.n_embd, config.initializer_range)
         self.wpe = Embedding(config.n_positions, config.n_embd, config.initializer_range)
@@ -168,6 +189,7 @@ class GPT2Model(GPT2PreTrainedCell):
         self.causal = Tensor(np.tril(np.ones((config.n_positions, config.n_positions), np.float32)))
 
     def construct(self, input_ids, attention_mask=None):
+        check_model_inputs("GPT2Model", input_ids, attention_mask, self.max_positions, "n_positions")
         seq = input_ids.shape[1]
         positions = ops.arange(seq).astype(ms.int32)
         hidden = self.drop(self.wte(input_ids) + self.wpe(positions))

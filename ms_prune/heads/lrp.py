@@ -13,6 +13,8 @@ import copy
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from ms_prune.training import write_parameter
+
 from .concrete_gate import CLOSED_THRESHOLD, check_gate_args
 
 
@@ -66,7 +68,7 @@ class LRPObjective(nn.Cell):
 
     def set_step(self, step):
         if self.use_target:
-            self.target.set_data(Tensor(np.float32(self.target_at(step))))
+            write_parameter(self.target, self.target_at(step))
 
     def multipliers(self):
         """The multipliers the optimizer ascends (lambda_1 only with ``linear_term``)."""
@@ -223,13 +225,34 @@ class AbstractHeadPrunerLRP:
         self._copy_tensors(source, dict(gated.parameters_and_names()), mapping, skip=gate_names,
                            what="decorate_model (original -> gated copy)")
         gated.set_train(self.model.training)
+        # which heads the original had when this copy was made: prune_model refuses a copy made
+        # before an earlier prune_model shrank the original
+        gated._lrp_source_heads = self._kept_heads()
         return gated
+
+    def _kept_heads(self):
+        return [list(a.kept_heads) for a in self.attention_layers(self.backbone)]
 
     def prune_model(self, gated_model):
         """Copy the trained weights back into the original model, fold the open gates into the
         output projections, remove the closed heads and return the original model. The gated
         model's gates are snapped to the decision (dropped heads closed), so both compute the
-        same in evaluation."""
+        same in evaluation.
+
+        Once per gated copy: the original is pruned in place, so calling it again (or with a copy
+        made before the original was pruned) is a ValueError; prune further by calling
+        ``decorate_model`` again on the pruned model's pruner."""
+        source_heads = getattr(gated_model, "_lrp_source_heads", None)
+        # a second fold would scale the kept heads by their gate values twice, even when no head
+        # was removed the first time
+        if getattr(gated_model, "_lrp_pruned", False) or (source_heads is not None
+                                                          and source_heads != self._kept_heads()):
+            raise ValueError(
+                f"{type(self).__name__}.prune_model: the model was already pruned (heads "
+                f"{getattr(self, 'pruned_heads', None)} removed; heads per layer now "
+                f"{[len(h) for h in self._kept_heads()]}) after this gated copy was made with "
+                f"{[len(h) for h in source_heads]}. prune_model runs once per decorate_model(); for "
+                f"another round call decorate_model() again and train the new copy")
         decision = self.decide(gated_model)
         gated_attn = self.attention_layers(gated_model)
         for layer, (keep, _) in enumerate(decision):
@@ -263,6 +286,7 @@ class AbstractHeadPrunerLRP:
                 to_prune[layer] = dropped
         self.model.prune_heads(to_prune)
         self.pruned_heads = to_prune
+        gated_model._lrp_pruned = True
         return self.model
 
     # ---- decisions and reports -----------------------------------------------------------------
@@ -273,15 +297,7 @@ class AbstractHeadPrunerLRP:
         if any(a.num_heads and g is None for a, g in zip(self.attention_layers(gated_model), gates)):
             raise ValueError(f"{type(self).__name__}: the model passed is not gated (use decorate_model's result)")
         values = [g.gate_values() if g is not None else np.zeros((0,), np.float32) for g in gates]
-        if self.target_heads is None:
-            return [(sorted(np.flatnonzero(v > 0.0).tolist()), v) for v in values]
-        scores = [(float(g.log_a.asnumpy()[p]), -layer, -p, layer, p)
-                  for layer, g in enumerate(gates) if g is not None for p in range(g.num_heads)]
-        best = sorted(scores, reverse=True)[:self.target_heads]
-        keep = [[] for _ in gates]
-        for *_, layer, p in best:
-            keep[layer].append(p)
-        return [(sorted(k), v) for k, v in zip(keep, values)]
+        return list(zip(decide_heads(gates, self.target_heads), values))
 
     def gate_summary(self, gated_model):
         """Open heads per layer (by the one threshold), their total, and the expected open count."""
@@ -328,7 +344,10 @@ class AbstractHeadPrunerLRP:
         return [(name, p) for name, p in model.parameters_and_names() if id(p) in gate_ids]
 
     def _gate_names(self, model):
-        return {name for name, _ in self._gate_params(model)}
+        """Every tensor of the gates (log_a, and the decision and noise buffers)."""
+        ids = {id(p) for a in self.attention_layers(model) if a.head_gate is not None
+               for p in a.head_gate.get_parameters()}
+        return {name for name, p in model.parameters_and_names() if id(p) in ids}
 
     def _copy_tensors(self, source, target, mapping, skip, what):
         owner = type(self).__name__
@@ -358,17 +377,38 @@ class AbstractHeadPrunerLRP:
             raise ValueError(f"{owner}.{what}: " + " | ".join(problems))
 
     def _fold(self, attention, keep, values):
-        """Scale the output-projection inputs of each kept head by its gate value."""
-        projection, layout = self.output_projection(attention)
-        if layout not in ("linear", "conv1d"):
-            raise ValueError(f"{type(self).__name__}.output_projection must return layout 'linear' or 'conv1d', "
-                             f"got {layout!r}")
-        scale = np.ones((attention.num_heads * attention.head_dim,), np.float32)
-        for p in keep:
-            scale[p * attention.head_dim:(p + 1) * attention.head_dim] = values[p]
-        weight = projection.weight.asnumpy()
-        weight = weight * (scale[None, :] if layout == "linear" else scale[:, None])
-        projection.weight.set_data(Tensor(np.ascontiguousarray(weight, np.float32)))
+        fold_gate_values(attention, self.output_projection(attention), keep, values)
+
+
+def decide_heads(gates, target_heads=None):
+    """Which heads each gate keeps (sorted positions; [] for a layer without a gate): the one
+    decision that evaluation, the training log and pruning all follow. Without a target a head is
+    kept when its evaluation formula value is above its gate's threshold; with ``target_heads``,
+    the ``target_heads`` best by ``log_a`` over the whole model (ties: earlier layer, then head)."""
+    if target_heads is None:
+        return [sorted(np.flatnonzero(g.raw_gate_values() > g.threshold).tolist()) if g is not None else []
+                for g in gates]
+    scores = [(float(g.log_a.asnumpy()[p]), -layer, -p, layer, p)
+              for layer, g in enumerate(gates) if g is not None for p in range(g.num_heads)]
+    keep = [[] for _ in gates]
+    for *_, layer, p in sorted(scores, reverse=True)[:target_heads]:
+        keep[layer].append(p)
+    return [sorted(k) for k in keep]
+
+
+def fold_gate_values(attention, projection, keep, values):
+    """Scale the output-projection inputs of each kept head by its gate value, so the ungated
+    (pruned) attention computes what the gated one computes in evaluation. ``projection`` is
+    ``(cell, layout)``: 'linear' (weight (out, in)) or 'conv1d' (weight (in, out))."""
+    cell, layout = projection
+    if layout not in ("linear", "conv1d"):
+        raise ValueError(f"output_projection must return layout 'linear' or 'conv1d', got {layout!r}")
+    scale = np.ones((attention.num_heads * attention.head_dim,), np.float32)
+    for p in keep:
+        scale[p * attention.head_dim:(p + 1) * attention.head_dim] = values[p]
+    weight = cell.weight.asnumpy()
+    weight = weight * (scale[None, :] if layout == "linear" else scale[:, None])
+    cell.weight.set_data(Tensor(np.ascontiguousarray(weight, np.float32)))
 
 
 class HeadPrunerBertLRP(AbstractHeadPrunerLRP):
