@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import mindspore as ms
-from mindspore import Tensor, nn
+from mindspore import Tensor, nn, ops
 
 from ms_prune.gradnas import GradNAS, apply_gradnas, compute_scores
 from ms_prune.gradnas import masks as gradnas_masks
@@ -162,6 +162,11 @@ def test_ffn_pruning_equals_masked_reference_and_round_trips(mode, family, tmp_p
     reloaded = type(model).from_pretrained(str(tmp_path))
     assert reloaded.neurons_per_layer() == model.neurons_per_layer()
     np.testing.assert_array_equal(logits(reloaded, ids), logits(model, ids))
+    # the dense Hugging Face export: full widths, removed neurons zeroed, the same outputs
+    model.export_hf_dense(str(tmp_path / "dense"))
+    dense = type(model).from_pretrained(str(tmp_path / "dense"))
+    assert dense.neurons_per_layer() == [width, width] and dense.config.pruned_ffn_neurons == {}
+    np.testing.assert_allclose(logits(dense, ids), logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
 def test_ffn_pruning_errors_name_the_bad_index():
@@ -394,3 +399,37 @@ def test_two_workers_score_like_one_process(tmp_path):
         for kind in ("heads", "neurons"):
             for got, want in zip(rank["scores"][kind], getattr(expected, kind)):
                 np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-12)
+
+
+# ---- with the training engine -------------------------------------------------------------------
+def lm_loss(logits, labels):
+    return ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def test_trainer_prunes_at_a_step_and_a_resumed_run_rebuilds_the_pruned_model(tmp_path):
+    """Under ms_prune.engine.Trainer: GradNAS scores with the trainer's loss net at step 2, the
+    trainer rebuilds its step and keeps training the smaller model; a run resumed from the final
+    checkpoint starts from a fresh unpruned model, redoes the surgery (AFTER_LOAD) and continues."""
+    engine = pytest.importorskip("ms_prune.engine")
+    set_context("graph")
+
+    def data(step):
+        return gpt2_batches(1, seed=100 + step)[0]
+
+    def run(max_steps, resume):
+        model = gpt2()
+        algorithm = GradNAS(gpt2_batches(2), constraints={"flops": "60%"}, seq_len=SEQ, at_step=2)
+        trainer = engine.Trainer(model, lm_loss, data, max_steps=max_steps, lr=1e-3, algorithms=[algorithm],
+                                 checkpoint_dir=str(tmp_path), log_interval=0,
+                                 resume_from="latest" if resume else None)
+        return model, algorithm, trainer.fit()
+
+    model, algorithm, history = run(4, resume=False)
+    assert algorithm.done and algorithm.result["ratios"]["flops"] <= 0.6
+    assert [r["step"] for r in history] == [1, 2, 3, 4] and all(np.isfinite(r["loss"]) for r in history)
+    assert model.heads_per_layer() == algorithm.result["heads_per_layer"]
+    resumed, resumed_algorithm, resumed_history = run(5, resume=True)
+    assert resumed_algorithm.result is None  # no second scoring pass
+    assert resumed.heads_per_layer() == model.heads_per_layer()
+    assert resumed.neurons_per_layer() == model.neurons_per_layer()
+    assert [r["step"] for r in resumed_history] == [5] and np.isfinite(resumed_history[0]["loss"])
