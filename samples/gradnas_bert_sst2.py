@@ -17,9 +17,11 @@
 """
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -29,14 +31,23 @@ from mindspore import Tensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lrp_bert_sst2 import (ClassificationLoss, accuracy, encode, fine_tune, freeze,  # noqa: E402
-                           release_graph_memory, train_batches)
+from lrp_bert_sst2 import (accuracy, cross_entropy, encode, freeze, release_graph_memory, train,  # noqa: E402
+                           train_batch_fn)
 from ms_prune.benchmarking import compare_latency  # noqa: E402
 from ms_prune.data import read_sst2  # noqa: E402
-from ms_prune.training import sample_cli, set_context, write_json  # noqa: E402
+from ms_prune.engine.trainer import ModelLoss  # noqa: E402
+from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, sample_cli,  # noqa: E402
+                               section_ranges, set_context, write_json)
 
 KEYS = {"max_len", "buckets", "batch_size", "eval_batch_size", "freeze_word_embeddings", "finetune", "scoring",
         "seq_len", "budgets", "quick_budgets", "methods", "recovery", "latency", "log_every", "seed"}
+SCHEDULE = dict(steps=POSITIVE, quick_steps=POSITIVE, lr=RATE, weight_decay=NON_NEGATIVE)
+RANGES = {"max_len": (1, 512), "buckets": (1, 512), "batch_size": POSITIVE, "eval_batch_size": POSITIVE,
+          "seq_len": (1, 512), "budgets": OPEN_FRACTION, "quick_budgets": OPEN_FRACTION, "log_every": POSITIVE,
+          "seed": NON_NEGATIVE, **section_ranges("finetune", **SCHEDULE), **section_ranges("recovery", **SCHEDULE),
+          **section_ranges("scoring", batches=POSITIVE, quick_batches=POSITIVE, refit_batches=POSITIVE,
+                           quick_refit_batches=POSITIVE),
+          **section_ranges("latency", batch_size=POSITIVE, seq_len=(1, 512), repeats=POSITIVE, quick_repeats=POSITIVE)}
 METHODS = {  # name -> (score method, selector, refit)
     "gradnas_bisect": ("fisher", "bisect", False),
     "gradnas_global": ("fisher", "global", False),
@@ -81,7 +92,7 @@ def fine_tuned_model(config, quick, batches, log_every):
     ft = config["finetune"]
     steps = ft["quick_steps"] if quick else ft["steps"]
     key = {k: config[k] for k in ("max_len", "buckets", "batch_size", "freeze_word_embeddings", "seed")}
-    key.update(lr=ft["lr"], weight_decay=ft["weight_decay"], steps=steps)
+    key.update(lr=ft["lr"], weight_decay=ft["weight_decay"], steps=steps, procedure="lrp_bert_sst2.train (Trainer)")
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     folder = os.path.join(default_cache_dir(), f"minilm-sst2-finetuned-{digest}")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
@@ -91,7 +102,7 @@ def fine_tuned_model(config, quick, batches, log_every):
     model = BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
     freeze(model, config["freeze_word_embeddings"])
     print(f"fine-tuning MiniLM on SST-2 for {steps} steps of {config['batch_size']}", flush=True)
-    fine_tune(model, batches, steps, ft["lr"], ft["weight_decay"], log_every, "fine-tune")
+    train(model, batches, 0, steps, ft["lr"], ft["weight_decay"], log_every, tempfile.mkdtemp(), False)
     partial = folder + f".partial-{os.getpid()}"
     model.save_pretrained(partial)
     with open(os.path.join(partial, "finetune_settings.json"), "w", encoding="utf-8") as f:
@@ -102,9 +113,11 @@ def fine_tuned_model(config, quick, batches, log_every):
 
 
 def main(argv=None):
-    args, config = sample_cli(__file__, __doc__, KEYS, "short schedules, two budgets (< 15 min on CPU)", argv,
-                              [("--png", dict(default=None, help="figure path (default: the JSON path with .png)"))])
+    args, config = sample_cli(__file__, __doc__, KEYS, "short schedules, one budget (< 15 min on CPU)", argv,
+                              [("--png", dict(default=None, help="figure path (None: the JSON path with .png)"))],
+                              ranges=RANGES)
     check_config(args.config, config)
+    logging.basicConfig(level=logging.INFO, format="  %(message)s")
     set_context("graph", args.device_target, seed=config["seed"])
 
     from tokenizers import Tokenizer
@@ -123,8 +136,8 @@ def main(argv=None):
     test_sentences, test_labels = read_sst2("test")
     train_rows, test_rows = encode(tokenizer, train_sentences), encode(tokenizer, test_sentences)
     print(f"SST-2: {len(train_rows)} train / {len(test_rows)} test sentences", flush=True)
-    batches = train_batches(train_rows, train_labels, config["batch_size"], buckets,
-                            np.random.default_rng(config["seed"]))
+    batches = train_batch_fn(train_rows, train_labels, config["batch_size"], buckets, config["seed"])
+    first_step = pick(config["finetune"])  # every recovery (and the fair baseline) sees the same batches after it
     evaluate = lambda m: accuracy(m, test_rows, test_labels, config["eval_batch_size"], buckets)  # noqa: E731
 
     folder, trained_now = fine_tuned_model(config, quick, batches, log_every)
@@ -148,7 +161,8 @@ def main(argv=None):
     # the fair baseline: unpruned, trained as many extra steps as every pruned model
     same_steps = BertForSequenceClassification.from_pretrained(folder)
     freeze(same_steps, config["freeze_word_embeddings"])
-    fine_tune(same_steps, batches, pick(rec), rec["lr"], rec["weight_decay"], log_every, "baseline")
+    train(same_steps, batches, first_step, pick(rec), rec["lr"], rec["weight_decay"], log_every, tempfile.mkdtemp(),
+          False)
     result["baseline_accuracy_finetuned"] = evaluate(same_steps)
     del same_steps
     release_graph_memory()
@@ -156,13 +170,12 @@ def main(argv=None):
     save_progress()
 
     # one scoring pass (fixed shape: max_len tokens, one graph); reused for every budget
-    scoring_stream = train_batches(train_rows, train_labels, config["batch_size"], [config["max_len"]],
-                                   np.random.default_rng(config["seed"] + 1))
-    score_batches = [next(scoring_stream) for _ in range(pick(config["scoring"], "batches"))]
+    scoring = train_batch_fn(train_rows, train_labels, config["batch_size"], [config["max_len"]], config["seed"] + 1)
+    score_batches = [scoring(i) for i in range(pick(config["scoring"], "batches"))]
     refit_batches = unpadded_batches(train_rows, train_labels, config["batch_size"],
                                      pick(config["scoring"], "refit_batches"), np.random.default_rng(config["seed"] + 2))
     start = time.time()
-    fisher = compute_scores(model, ClassificationLoss(model), score_batches)
+    fisher = compute_scores(model, ModelLoss(model, cross_entropy, -1), score_batches)
     result["score_seconds"] = time.time() - start
     result["score_batches"] = len(score_batches)
     result["refit_tokens"] = int(sum(b[0].size for b in refit_batches))
@@ -182,7 +195,7 @@ def main(argv=None):
         for name in config["methods"]:
             method, selector, refit = METHODS[name]
             candidate = BertForSequenceClassification.from_pretrained(folder)
-            outcome = apply_gradnas(candidate, ClassificationLoss(candidate), refit_batches,
+            outcome = apply_gradnas(candidate, ModelLoss(candidate, cross_entropy, -1), refit_batches,
                                     constraints={"flops": f"{100 * target:g}%"}, selector=selector, seq_len=seq_len,
                                     refit=refit, scores=scores[method])
             candidate.set_train(False)
@@ -197,7 +210,8 @@ def main(argv=None):
                                         repeats=pick(lat, "repeats"))
                 entry["latency_ratio"] = times["pruned"] / times["unpruned"]
             freeze(candidate, config["freeze_word_embeddings"])
-            fine_tune(candidate, batches, pick(rec), rec["lr"], rec["weight_decay"], log_every, f"{name} recovery")
+            train(candidate, batches, first_step, pick(rec), rec["lr"], rec["weight_decay"], log_every,
+                  tempfile.mkdtemp(), False)
             entry["accuracy_finetuned"][name] = evaluate(candidate)
             del candidate
             release_graph_memory()
