@@ -220,24 +220,8 @@ class BertPreTrainedCell(PreTrainedCell):
     def _is_per_token(self, cell_name):
         return not any(part in ("pooler", "classifier") for part in cell_name.split("."))
 
-    def _zero_size_tensors(self):
-        prefix = self._backbone_name()
-        state = {}
-        hidden = self.config.hidden_size
-        for i, attention in enumerate(self.attention_layers()):
-            if attention.num_heads == 0:
-                base = f"{prefix}encoder.layer.{i}.attention."
-                for name in ("query", "key", "value"):
-                    state[f"{base}self.{name}.weight"] = np.zeros((0, hidden), np.float32)
-                    state[f"{base}self.{name}.bias"] = np.zeros((0,), np.float32)
-                state[f"{base}output.dense.weight"] = np.zeros((hidden, 0), np.float32)
-        for i, ffn in enumerate(self.ffn_layers()):
-            if ffn.num_neurons == 0:
-                base = f"{prefix}encoder.layer.{i}."
-                state[f"{base}intermediate.dense.weight"] = np.zeros((0, hidden), np.float32)
-                state[f"{base}intermediate.dense.bias"] = np.zeros((0,), np.float32)
-                state[f"{base}output.dense.weight"] = np.zeros((hidden, 0), np.float32)
-        return state
+    def _hidden_size(self):
+        return self.config.hidden_size
 
     def _backbone_name(self):
         return ""

@@ -153,22 +153,8 @@ class GPT2PreTrainedCell(PreTrainedCell):
             units.append(PrunedUnits("neurons", i, ffn.total_neurons, ffn.kept_neurons, 1, tensors))
         return units
 
-    def _zero_size_tensors(self):
-        state = {}
-        width = self.config.n_embd
-        for i, attention in enumerate(self.attention_layers()):
-            if attention.num_heads == 0:
-                base = f"{self._backbone_name()}h.{i}.attn."
-                state[base + "c_attn.weight"] = np.zeros((width, 0), np.float32)
-                state[base + "c_attn.bias"] = np.zeros((0,), np.float32)
-                state[base + "c_proj.weight"] = np.zeros((0, width), np.float32)
-        for i, ffn in enumerate(self.ffn_layers()):
-            if ffn.num_neurons == 0:
-                base = f"{self._backbone_name()}h.{i}.mlp."
-                state[base + "c_fc.weight"] = np.zeros((width, 0), np.float32)
-                state[base + "c_fc.bias"] = np.zeros((0,), np.float32)
-                state[base + "c_proj.weight"] = np.zeros((0, width), np.float32)
-        return state
+    def _hidden_size(self):
+        return self.config.n_embd
 
 
 class GPT2Model(GPT2PreTrainedCell):

@@ -621,7 +621,27 @@ class PreTrainedCell(nn.Cell):
         return state
 
     def _zero_size_tensors(self):
-        return {}
+        """The tensors of every unit kind a layer has lost entirely (all its heads, all its FFN
+        neurons), with size 0 along the unit axis: Hugging Face's layout of such a layer, which
+        ``from_pretrained`` skips and ``export_hf_dense`` re-inflates. A model that declares no
+        prunable units has none."""
+        try:
+            unit_kinds = self._prunable_units()
+        except NotImplementedError:
+            return {}
+        hidden = self._hidden_size()
+        state = {}
+        for units in unit_kinds:
+            if units.kept:
+                continue
+            for name, axis, _ in units.tensors:
+                shape = (0,) if name.endswith(".bias") else tuple(0 if a == axis else hidden for a in range(2))
+                state[name] = np.zeros(shape, np.float32)
+        return state
+
+    def _hidden_size(self):
+        """The model width (the other axis of a unit's 2-D tensors)."""
+        raise NotImplementedError
 
     def save_pretrained(self, directory):
         """Write ``config.json`` + ``model.safetensors`` in our compact layout: pruned tensors keep
@@ -690,10 +710,14 @@ class PreTrainedCell(nn.Cell):
         checked = _checked_units("prune_heads", "head", heads_to_prune, [a.total_heads for a in layers])
         for layer, heads in checked.items():
             layers[layer].prune_heads(heads)
-            merged = set(self.config.pruned_heads.get(layer, [])) | heads
-            self.config.pruned_heads[layer] = sorted(merged)
+            self._record_pruned("pruned_heads", layer, heads)
         self.refresh_after_surgery()
         return self
+
+    def _record_pruned(self, key, layer, units):
+        # the config records the union over calls, so a saved model reloads with the same shapes
+        record = getattr(self.config, key)
+        record[layer] = sorted(set(record.get(layer, [])) | set(units))
 
     def heads_per_layer(self):
         return [attention.num_heads for attention in self.attention_layers()]
@@ -728,8 +752,7 @@ class PreTrainedCell(nn.Cell):
                 ffn.num_neurons = len(positions)
                 if ffn.neuron_gate is not None:
                     ffn.neuron_gate.keep(positions)
-            merged = set(self.config.pruned_ffn_neurons.get(layer, [])) | neurons
-            self.config.pruned_ffn_neurons[layer] = sorted(merged)
+            self._record_pruned("pruned_ffn_neurons", layer, neurons)
         self.refresh_after_surgery()
         return self
 
