@@ -235,30 +235,30 @@ def _refit(model, loss_net, batches, keep_heads, keep_neurons):
     """Fold the least-squares mask values of the kept units into the output projections (before
     the surgery removes the others). Returns per-layer relative errors without / with refit."""
     head_grams, neuron_grams = _contribution_grams(model, loss_net, batches)
-    report = {"head_error": [], "head_error_refit": [], "neuron_error": [], "neuron_error_refit": []}
-    for layer, (attention, gram) in enumerate(zip(model.attention_layers(), head_grams)):
-        if gram is None:
-            continue
-        keep = keep_heads[layer]
-        values = refit_values(gram, keep)
-        report["head_error"].append(reconstruction_error(gram, keep, np.ones(int(keep.sum()))))
-        report["head_error_refit"].append(reconstruction_error(gram, keep, values))
-        projection, layout = attention.output_projection()
-        kept = np.flatnonzero(keep)
-        if len(kept) and len(kept) < len(keep):
-            columns = attention.head_columns(list(kept))
-            _scale_inputs(projection, layout, columns, np.repeat(values, attention.head_dim))
-    for layer, gram in enumerate(neuron_grams):
-        if gram is None:
-            continue
-        keep = keep_neurons[layer]
-        values = refit_values(gram, keep)
-        report["neuron_error"].append(reconstruction_error(gram, keep, np.ones(int(keep.sum()))))
-        report["neuron_error_refit"].append(reconstruction_error(gram, keep, values))
-        kept = np.flatnonzero(keep)
-        if len(kept) and len(kept) < len(keep):
-            owner, name, layout = model.ffn_projections(layer)[1]
-            _scale_inputs(getattr(owner, name), layout, kept, values)
+    attentions = model.attention_layers()
+
+    def head_target(layer, kept):
+        projection, layout = attentions[layer].output_projection()
+        return projection, layout, attentions[layer].head_columns(list(kept)), attentions[layer].head_dim
+
+    def neuron_target(layer, kept):
+        owner, name, layout = model.ffn_projections(layer)[1]
+        return getattr(owner, name), layout, kept, 1
+
+    report = {}
+    for kind, grams, keeps, target in (("head", head_grams, keep_heads, head_target),
+                                       ("neuron", neuron_grams, keep_neurons, neuron_target)):
+        report[f"{kind}_error"], report[f"{kind}_error_refit"] = [], []
+        for layer, (gram, keep) in enumerate(zip(grams, keeps)):
+            if gram is None:
+                continue
+            values = refit_values(gram, keep)
+            report[f"{kind}_error"].append(reconstruction_error(gram, keep, np.ones(int(keep.sum()))))
+            report[f"{kind}_error_refit"].append(reconstruction_error(gram, keep, values))
+            kept = np.flatnonzero(keep)
+            if len(kept) and len(kept) < len(keep):
+                projection, layout, columns, width = target(layer, kept)
+                _scale_inputs(projection, layout, columns, np.repeat(values, width))
     return report
 
 

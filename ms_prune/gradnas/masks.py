@@ -80,34 +80,35 @@ class NeuronGram(_GateBase):
         return ops.depend(activation, update)
 
 
+def _slots(model):
+    """(kind, Cells holding the slot, slot attribute, unit count attribute) per unit kind."""
+    return (("head", model.attention_layers(), "head_gate", "num_heads"),
+            ("neuron", model.ffn_layers(), "neuron_gate", "num_neurons"))
+
+
 def attach(model, make_head, make_neuron):
     """Put ``make_head(layer, attention)`` / ``make_neuron(layer, ffn)`` (a Cell or None) in every
     layer's gate slots; returns (head cells, neuron cells) per layer (None for an empty layer)."""
-    heads, neurons = [], []
-    for layer, attention in enumerate(model.attention_layers()):
-        if attention.head_gate is not None:
-            raise ValueError(f"GradNAS: attention layer {layer} already has a head gate "
-                             f"({type(attention.head_gate).__name__}); remove it first (model.remove_gates())")
-        cell = make_head(layer, attention) if attention.num_heads else None
-        attention.head_gate = cell
-        heads.append(cell)
-    for layer, ffn in enumerate(model.ffn_layers()):
-        if ffn.neuron_gate is not None:
-            raise ValueError(f"GradNAS: FFN layer {layer} already has a neuron gate "
-                             f"({type(ffn.neuron_gate).__name__}); remove it first")
-        cell = make_neuron(layer, ffn) if ffn.num_neurons else None
-        ffn.neuron_gate = cell
-        neurons.append(cell)
+    made = []
+    for (kind, holders, slot, count), make in zip(_slots(model), (make_head, make_neuron)):
+        cells = []
+        for layer, holder in enumerate(holders):
+            if getattr(holder, slot) is not None:
+                raise ValueError(f"GradNAS: layer {layer} already has a {kind} gate ({type(getattr(holder, slot)).__name__}"
+                                 f" in {slot}); remove it first (LRP gates: model.remove_gates())")
+            cell = make(layer, holder) if getattr(holder, count) else None
+            setattr(holder, slot, cell)
+            cells.append(cell)
+        made.append(cells)
     model.refresh_after_surgery()
-    return heads, neurons
+    return made[0], made[1]
 
 
 def detach(model):
     """Remove whatever ``attach`` put in; graph mode compiles the unmasked model anew."""
-    for attention in model.attention_layers():
-        attention.head_gate = None
-    for ffn in model.ffn_layers():
-        ffn.neuron_gate = None
+    for _, holders, slot, _ in _slots(model):
+        for holder in holders:
+            setattr(holder, slot, None)
     model.refresh_after_surgery()
 
 
