@@ -69,22 +69,19 @@ class PretrainedConfig:
             if not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"{type(self).__name__}.{name} must be in [0, 1), got {value!r}")
 
-    def _check_pruned_heads(self, num_layers, num_heads):
-        for layer, heads in self.pruned_heads.items():
+    def _check_pruned_units(self, key, unit, num_layers, total):
+        for layer, units in getattr(self, key).items():
             if not 0 <= layer < num_layers:
-                raise ValueError(f"pruned_heads names layer {layer}, but the model has layers 0..{num_layers - 1}")
-            bad = [h for h in heads if not 0 <= h < num_heads]
+                raise ValueError(f"{key} names layer {layer}, but the model has layers 0..{num_layers - 1}")
+            bad = [u for u in units if not 0 <= u < total]
             if bad:
-                raise ValueError(f"pruned_heads of layer {layer} names head(s) {bad}, but layers have heads 0..{num_heads - 1}")
+                raise ValueError(f"{key} of layer {layer} names {unit}(s) {bad}, but layers have {unit}s 0..{total - 1}")
+
+    def _check_pruned_heads(self, num_layers, num_heads):
+        self._check_pruned_units("pruned_heads", "head", num_layers, num_heads)
 
     def _check_pruned_ffn_neurons(self, num_layers, width):
-        for layer, neurons in self.pruned_ffn_neurons.items():
-            if not 0 <= layer < num_layers:
-                raise ValueError(f"pruned_ffn_neurons names layer {layer}, but the model has layers 0..{num_layers - 1}")
-            bad = [n for n in neurons if not 0 <= n < width]
-            if bad:
-                raise ValueError(f"pruned_ffn_neurons of layer {layer} names neuron(s) {bad}, but layers have "
-                                 f"neurons 0..{width - 1}")
+        self._check_pruned_units("pruned_ffn_neurons", "neuron", num_layers, width)
 
     @classmethod
     def from_dict(cls, values):

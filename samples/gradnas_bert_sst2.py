@@ -31,10 +31,9 @@ from mindspore import Tensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lrp_bert_sst2 import (accuracy, cross_entropy, encode, freeze, release_graph_memory, train,  # noqa: E402
+from lrp_bert_sst2 import (accuracy, cross_entropy, freeze, release_graph_memory, sst2_rows, train,  # noqa: E402
                            train_batch_fn)
 from ms_prune.benchmarking import compare_latency  # noqa: E402
-from ms_prune.data import read_sst2  # noqa: E402
 from ms_prune.engine.trainer import ModelLoss  # noqa: E402
 from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, sample_cli,  # noqa: E402
                                section_ranges, set_context, write_json)
@@ -120,7 +119,6 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="  %(message)s")
     set_context("graph", args.device_target, seed=config["seed"])
 
-    from tokenizers import Tokenizer
     from ms_prune.gradnas import apply_gradnas, compute_scores
     from ms_prune.hub import minilm_dir
     from ms_prune.models.bert import BertForSequenceClassification
@@ -129,12 +127,7 @@ def main(argv=None):
     pick = lambda section, key="steps": section[f"quick_{key}"] if quick else section[key]  # noqa: E731
     buckets, log_every, seq_len = sorted(config["buckets"]), config["log_every"], config["seq_len"]
     t0 = time.time()
-    tokenizer = Tokenizer.from_file(os.path.join(minilm_dir(), "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(config["max_len"])
-    train_sentences, train_labels = read_sst2("train")
-    test_sentences, test_labels = read_sst2("test")
-    train_rows, test_rows = encode(tokenizer, train_sentences), encode(tokenizer, test_sentences)
+    (train_rows, train_labels), (test_rows, test_labels) = sst2_rows(minilm_dir(), config["max_len"])
     print(f"SST-2: {len(train_rows)} train / {len(test_rows)} test sentences", flush=True)
     batches = train_batch_fn(train_rows, train_labels, config["batch_size"], buckets, config["seed"])
     first_step = pick(config["finetune"])  # every recovery (and the fair baseline) sees the same batches after it
