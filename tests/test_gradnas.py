@@ -340,7 +340,11 @@ def test_algorithm_prunes_once_at_fit_start():
     model = bert()
     state = _State(model, bert_loss(model))
     algorithm = GradNAS(bert_batches(2), constraints={"flops": "70%"}, seq_len=SEQ, selector="bisect")
-    assert algorithm.changes_graph
+    assert algorithm.changes_graph and algorithm.match("INIT", state)
+    algorithm.apply("INIT", state, None)  # a reachable budget: nothing to say, nothing changed
+    assert model.heads_per_layer() == [4, 4] and not state.structure_changed
+    with pytest.raises(ValueError, match="reachable range"):
+        GradNAS(bert_batches(1), constraints={"params": 100}).apply("INIT", state, None)
     assert not algorithm.match("BATCH_START", state)
     assert algorithm.match("FIT_START", state)
     algorithm.apply("FIT_START", state, None)

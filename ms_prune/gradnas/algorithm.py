@@ -6,7 +6,7 @@ still works on any object with the engine's ``State`` attributes (``model``, ``l
 """
 from ms_prune.validation import check_bool, check_choice, check_int
 
-from .gradnas import GRADIENT_METHODS, METHODS, apply_gradnas
+from .gradnas import GRADIENT_METHODS, METHODS, apply_gradnas, resolve_budget
 from .selection import SELECTORS, parse_constraints
 
 try:
@@ -26,7 +26,7 @@ class GradNAS(Algorithm):
     ``state.structure_changed`` so the trainer rebuilds its step and optimizer. Arguments as in
     ``apply_gradnas``; ``result`` holds what ``apply_gradnas`` returned. A resumed run redoes the
     saved surgery at AFTER_LOAD (before the checkpoint's tensors, refitted ones included, are
-    placed), without scoring again."""
+    placed), without scoring again. At INIT it only checks that the budget is reachable."""
 
     changes_graph = True
     # Scoring needs the loss net, which a mindspore Model.train callback only has once its one
@@ -55,6 +55,8 @@ class GradNAS(Algorithm):
 
     def match(self, event, state):
         name = _event_name(event)
+        if name == "INIT":
+            return True
         if name == "AFTER_LOAD":
             return self._to_restore is not None
         if self.done:
@@ -64,6 +66,11 @@ class GradNAS(Algorithm):
         return name == "BATCH_START" and state.step >= self.at_step
 
     def apply(self, event, state, logger=None):
+        if _event_name(event) == "INIT":
+            # fail before training, not at the pruning step, when the model lacks the hooks
+            # (attention_layers, ffn_layers, ffn_projections) or the budget is out of reach
+            resolve_budget(type(self).__name__, state.model, self.constraints, self.seq_len)
+            return
         if _event_name(event) == "AFTER_LOAD":
             # prune_* skip units already gone, so this is safe on a model rebuilt pruned too
             state.model.prune_heads(self._to_restore["heads"])

@@ -285,6 +285,20 @@ def _costs(model, seq_len):
             for metric in METRICS}
 
 
+def resolve_budget(owner, model, constraints, seq_len):
+    """(CostModel, budget) for ``constraints`` on ``model``; a budget below the cost of pruning
+    every head and neuron is a ValueError giving the reachable range."""
+    metric, amount, fraction = parse_constraints(owner, constraints, seq_len)
+    cost_model = CostModel(model, metric, seq_len)
+    budget = int(amount) if fraction is None else int(np.floor(fraction * cost_model.current))
+    if budget < cost_model.base:
+        raise ValueError(f"{owner}: constraints={constraints!r} asks for {metric} <= {budget:,}, but the smallest "
+                         f"reachable {metric} is {cost_model.base:,} (every head and FFN neuron pruned) and the "
+                         f"largest {cost_model.current:,} (nothing pruned): reachable range "
+                         f"[{cost_model.base:,}, {cost_model.current:,}]")
+    return cost_model, budget
+
+
 def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector="global", seq_len=None,
                   refit=False, method="fisher", scores=None, num_batches=None, refit_batches=None, seed=0):
     """Prune ``model``'s heads and FFN neurons in place to meet ``constraints`` and return what
@@ -302,19 +316,13 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
     projections. Build train steps and optimizers after this call (the model's Cells change).
     """
     owner = "apply_gradnas"
-    metric, amount, fraction = parse_constraints(owner, constraints, seq_len)
+    metric = parse_constraints(owner, constraints, seq_len)[0]
     check_bool(owner, "refit", refit)
     check_choice(owner, "selector", selector, ("global", "bisect"))
     if seq_len is not None:
         check_int(owner, "seq_len", seq_len, minimum=1)
     before = _costs(model, seq_len)
-    cost_model = CostModel(model, metric, seq_len)
-    budget = int(amount) if fraction is None else int(np.floor(fraction * cost_model.current))
-    if budget < cost_model.base:
-        raise ValueError(f"{owner}: constraints={constraints!r} asks for {metric} <= {budget:,}, but the smallest "
-                         f"reachable {metric} is {cost_model.base:,} (every head and FFN neuron pruned) and the "
-                         f"largest {cost_model.current:,} (nothing pruned): reachable range "
-                         f"[{cost_model.base:,}, {cost_model.current:,}]")
+    cost_model, budget = resolve_budget(owner, model, constraints, seq_len)
     if scores is None:
         if method in GRADIENT_METHODS or refit:
             batches = _take(owner, batches, num_batches)
