@@ -265,18 +265,16 @@ def _refit(model, loss_net, batches, keep_heads, keep_neurons):
 # ---------------------------------------------------------------------------------------------
 # The functional form
 # ---------------------------------------------------------------------------------------------
-def _units(scores, cost_models):
-    """Flatten the scores into units: score, per-metric cost, kind (0 head, 1 neuron), group."""
-    rows = []
-    for kind, per_layer in enumerate((scores.heads, scores.neurons)):
-        for layer, values in enumerate(per_layer):
-            for position, value in enumerate(values):
-                rows.append((value, kind, 2 * layer + kind, layer, position))
-    table = np.array([r[1:] for r in rows], np.int64).reshape(-1, 4)
-    values = np.array([r[0] for r in rows], np.float64)
-    costs = {metric: np.array([(cm.head_costs if k == 0 else cm.neuron_costs)[layer]
-                               for k, _, layer, _ in table], np.int64)
-             for metric, cm in cost_models.items()}
+def _units(scores, cost_model):
+    """Flatten the scores into units: scores, costs, and a table of (kind (0 head, 1 neuron),
+    group (one per layer and kind), layer, position)."""
+    rows = [(kind, 2 * layer + kind, layer, position)
+            for kind, per_layer in enumerate((scores.heads, scores.neurons))
+            for layer, values in enumerate(per_layer) for position in range(len(values))]
+    table = np.array(rows, np.int64).reshape(-1, 4)
+    values = np.concatenate([np.zeros(0)] + scores.heads + scores.neurons).astype(np.float64)
+    unit_costs = (cost_model.head_costs, cost_model.neuron_costs)
+    costs = np.array([unit_costs[kind][layer] for kind, _, layer, _ in table], np.int64)
     return values, costs, table
 
 
@@ -329,8 +327,8 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
         scores = compute_scores(model, loss_net, batches, method=method, seed=seed)
     check_instance(owner, "scores", scores, GradNASScores)
     scores.check_matches(model, owner)
-    values, costs, table = _units(scores, {metric: cost_model})
-    keep, details = select(selector, values, costs[metric], table[:, 0], table[:, 1], budget - cost_model.base)
+    values, costs, table = _units(scores, cost_model)
+    keep, details = select(selector, values, costs, table[:, 0], table[:, 1], budget - cost_model.base)
 
     attentions, ffns = model.attention_layers(), model.ffn_layers()
     keep_heads = [keep[(table[:, 0] == 0) & (table[:, 2] == layer)] for layer in range(len(attentions))]
