@@ -323,21 +323,32 @@ class LlamaForCausalLM(LlamaPreTrainedCell):
 
 def greedy_generate(model, input_ids, max_new_tokens, eos_token_id=None):
     """Greedy continuation of ``input_ids`` (numpy (batch, seq) ints, no padding) by a causal LM
-    returning logits: numpy (batch, seq + generated). Recomputes the whole prefix per token (no
-    key/value cache): meant for checks and short prompts, not for serving."""
-    ids = np.asarray(input_ids, np.int32)
-    if ids.ndim != 2:
-        raise ValueError(f"greedy_generate: input_ids must be (batch, seq), got shape {ids.shape}")
+    returning logits: numpy (batch, seq + generated).
+
+    Every step runs the model on one fixed-length buffer (prompt + ``max_new_tokens``, the tail
+    filled with token 0) and reads the logits at the last real position: causal attention keeps
+    the filler invisible to it, and one input shape means GRAPH_MODE compiles once instead of once
+    per length. No key/value cache: meant for checks and short prompts, not for serving.
+    """
+    ids = np.asarray(input_ids)
+    if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"greedy_generate: input_ids must be integer (batch, seq) with seq >= 1, got "
+                         f"{ids.dtype} of shape {ids.shape}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"greedy_generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    prompt = ids.shape[1]
+    buffer = np.zeros((ids.shape[0], prompt + max_new_tokens), np.int32)
+    buffer[:, :prompt] = ids
     was_training = model.training
     model.set_train(False)
-    for _ in range(max_new_tokens):
-        outputs = model(Tensor(ids))
+    length = prompt
+    while length < buffer.shape[1]:
+        outputs = model(Tensor(buffer))
         logits = outputs[0] if isinstance(outputs, tuple) else outputs
-        next_ids = logits[:, -1].argmax(-1).asnumpy().astype(np.int32)
-        ids = np.concatenate([ids, next_ids[:, None]], axis=1)
+        next_ids = logits[:, length - 1].argmax(-1).asnumpy().astype(np.int32)
+        buffer[:, length] = next_ids
+        length += 1
         if eos_token_id is not None and np.all(next_ids == eos_token_id):
             break
     model.set_train(was_training)
-    return ids
+    return buffer[:, :length]
