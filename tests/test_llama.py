@@ -266,6 +266,70 @@ def pynative_llama():
     yield
 
 
+# ------------------------------------------------------------------ GGUF conversion (tiny)
+
+def _permute_for_llama_cpp(weight, heads):
+    """llama.cpp's convert script: interleave each head's two rotary halves."""
+    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+
+def test_gguf_conversion_round_trip(pynative_llama, tmp_path):
+    """The tiny tied checkpoint written as llama.cpp would (permuted Q/K rows, llama.cpp names,
+    byte-level BPE metadata) converts back to a folder that reproduces the HF logits."""
+    gguf = pytest.importorskip("gguf")
+    from safetensors.numpy import load_file
+    from tokenizers import Tokenizer
+    from ms_prune.convert_gguf import gguf_llama_to_hf
+    config = LlamaConfig.from_pretrained(fixture("tied"))
+    state = load_file(os.path.join(fixture("tied"), "model.safetensors"))
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    tokens = ["<|endoftext|>", "\u0120"] + letters + ["ab", "\u0120ab"]
+    tokens += [f"x{i}" for i in range(config.vocab_size - len(tokens))]
+    path = str(tmp_path / "tiny.gguf")
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.kv_heads)
+    writer.add_rope_dimension_count(config.head_size)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(["a b", "\u0120 ab"])
+    writer.add_token_types([3] + [1] * (len(tokens) - 1))
+    writer.add_bos_token_id(0)
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"])
+    writer.add_tensor("output_norm.weight", state["model.norm.weight"])
+    for layer in range(config.num_hidden_layers):
+        for hf, cpp in names.items():
+            weight = state[f"model.layers.{layer}.{hf}.weight"]
+            if cpp in ("attn_q", "attn_k"):
+                weight = _permute_for_llama_cpp(weight, config.num_attention_heads if cpp == "attn_q" else config.kv_heads)
+            writer.add_tensor(f"blk.{layer}.{cpp}.weight", np.ascontiguousarray(weight))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    out = str(tmp_path / "hf")
+    gguf_llama_to_hf(path, out)
+    converted = LlamaConfig.from_pretrained(out)
+    assert (converted.rope_theta, converted.kv_heads, converted.tie_word_embeddings) == (500.0, 2, True)
+    assert_close(forward(LlamaForCausalLM.from_pretrained(out)), "llama_tied_logits")
+    tokenizer = Tokenizer.from_file(os.path.join(out, "tokenizer.json"))
+    encoding = tokenizer.encode("ab ab<|endoftext|>")
+    assert encoding.tokens == ["ab", "\u0120ab", "<|endoftext|>"]
+    assert tokenizer.decode(encoding.ids, skip_special_tokens=False) == "ab ab<|endoftext|>"
+
+
 # ----------------------------------------------------------------------- SmolLM2-135M-Instruct
 
 def _in_ci():
