@@ -267,6 +267,22 @@ def pynative_llama():
     yield
 
 
+def test_greedy_generate_equals_growing_prefix(pynative_llama):
+    """The fixed-length buffer gives the tokens that re-running the growing prefix gives."""
+    model = LlamaForCausalLM.from_pretrained(fixture("untied"))
+    model.set_train(False)
+    prompt = REF["llama_input_ids"][:, :4]
+    ids = prompt.astype(np.int32)
+    for _ in range(3):
+        next_ids = model(Tensor(ids)).asnumpy()[:, -1].argmax(-1).astype(np.int32)
+        ids = np.concatenate([ids, next_ids[:, None]], axis=1)
+    np.testing.assert_array_equal(greedy_generate(model, prompt, 3), ids)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        greedy_generate(model, prompt, -1)
+    with pytest.raises(ValueError, match="input_ids"):
+        greedy_generate(model, prompt[0], 2)
+
+
 # ------------------------------------------------------------------ GGUF conversion (tiny)
 
 def _permute_for_llama_cpp(weight, heads):
