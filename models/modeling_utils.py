@@ -190,15 +190,21 @@ class Embedding(nn.Cell):
 
 
 class Linear(nn.Cell):
-    """y = x W^T + b with W of shape (out, in): PyTorch's ``nn.Linear`` layout."""
+    """y = x W^T + b with W of shape (out, in): PyTorch's ``nn.Linear`` layout. ``has_bias=False``
+    gives no ``bias`` parameter at all (Llama's projections), so checkpoints without one load."""
 
-    def __init__(self, in_features, out_features, std=0.02, weight=None, bias=None):
+    def __init__(self, in_features, out_features, std=0.02, weight=None, bias=None, has_bias=True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = Parameter(Tensor(weight)) if weight is not None else _normal((out_features, in_features), std)
-        self.bias = Parameter(Tensor(bias)) if bias is not None else _constant((out_features,), 0.0)
+        if not has_bias:
+            self.bias = None
+        else:
+            self.bias = Parameter(Tensor(bias)) if bias is not None else _constant((out_features,), 0.0)
 
     def construct(self, x):
+        if self.bias is None:
+            return ops.matmul(x, self.weight.T)
         return ops.matmul(x, self.weight.T) + self.bias
 
 
@@ -217,14 +223,18 @@ class Conv1D(nn.Cell):
 
 
 class OutputBias(nn.Cell):
-    """What an output projection leaves when every head feeding it is pruned: its bias."""
+    """What an output projection leaves when every head feeding it is pruned: its bias, or zeros
+    (``bias=None``, with ``out_features``) for a projection without one."""
 
-    def __init__(self, bias):
+    def __init__(self, bias, out_features=None):
         super().__init__()
-        self.in_features, self.out_features = 0, bias.shape[0]
-        self.bias = Parameter(Tensor(bias))
+        self.in_features = 0
+        self.out_features = bias.shape[0] if bias is not None else out_features
+        self.bias = Parameter(Tensor(bias)) if bias is not None else None
 
     def construct(self, like):
+        if self.bias is None:
+            return ops.zeros_like(like)
         return ops.zeros_like(like) + self.bias
 
 
@@ -260,7 +270,14 @@ class HeadPrunableAttention(nn.Cell):
         q = q.reshape(shape).transpose(0, 2, 1, 3)
         k = k.reshape(shape).transpose(0, 2, 3, 1)
         v = v.reshape(shape).transpose(0, 2, 1, 3)
-        scores = ops.matmul(q, k) * self.scale + attention_bias
+        return self.attend_heads(q, k, v, attention_bias)
+
+    def attend_heads(self, q, keys_t, v, attention_bias):
+        """``attend`` for attentions that lay out their heads themselves (rotary positions,
+        key/value heads shared by several query heads): q and v (batch, heads, seq, head_dim),
+        keys_t (batch, heads, head_dim, seq), one entry per query head on axis 1."""
+        batch, seq = q.shape[0], q.shape[2]
+        scores = ops.matmul(q, keys_t) * self.scale + attention_bias
         probs = self.attn_dropout(ops.softmax(scores, -1))
         context = ops.matmul(probs, v)
         penalty = ops.zeros((), ms.float32)
@@ -322,12 +339,13 @@ class NeuronPrunableFFN(nn.Cell):
 
 def slice_output_projection(projection, columns, layout):
     """Keep input features ``columns`` of an output projection (``layout``: 'linear' or 'conv1d')."""
-    bias = projection.bias.asnumpy()
+    bias = projection.bias.asnumpy() if projection.bias is not None else None
     if len(columns) == 0:
-        return OutputBias(bias)
+        return OutputBias(bias, projection.out_features)
     weight = projection.weight.asnumpy()
     if layout == "linear":
-        return Linear(len(columns), weight.shape[0], weight=np.ascontiguousarray(weight[:, columns]), bias=bias)
+        return Linear(len(columns), weight.shape[0], weight=np.ascontiguousarray(weight[:, columns]), bias=bias,
+                      has_bias=bias is not None)
     return Conv1D(len(columns), weight.shape[1], weight=np.ascontiguousarray(weight[columns, :]), bias=bias)
 
 
@@ -335,10 +353,12 @@ def slice_input_projection(projection, rows, layout):
     """Keep output features ``rows`` of a Q/K/V projection, or None when none are kept."""
     if len(rows) == 0:
         return None
-    weight, bias = projection.weight.asnumpy(), projection.bias.asnumpy()
+    weight = projection.weight.asnumpy()
+    bias = projection.bias.asnumpy()[rows] if projection.bias is not None else None
     if layout == "linear":
-        return Linear(weight.shape[1], len(rows), weight=np.ascontiguousarray(weight[rows, :]), bias=bias[rows])
-    return Conv1D(weight.shape[0], len(rows), weight=np.ascontiguousarray(weight[:, rows]), bias=bias[rows])
+        return Linear(weight.shape[1], len(rows), weight=np.ascontiguousarray(weight[rows, :]), bias=bias,
+                      has_bias=bias is not None)
+    return Conv1D(weight.shape[0], len(rows), weight=np.ascontiguousarray(weight[:, rows]), bias=bias)
 
 
 class LayerWrapper(nn.Cell):
@@ -456,6 +476,17 @@ class PrunedUnits:
 def additive_padding_bias(attention_mask, dtype=ms.float32):
     """(batch, seq) 1/0 mask -> (batch, 1, 1, seq) additive bias."""
     return (1.0 - attention_mask.astype(dtype)).reshape(attention_mask.shape[0], 1, 1, -1) * MASK_VALUE
+
+
+def causal_attention_bias(seq, attention_mask=None):
+    """Additive bias of a decoder: (1, 1, seq, seq) causal, or (batch, 1, seq, seq) combined with a
+    (batch, seq) 1/0 padding mask. Built from positions rather than a stored (max_positions^2)
+    table, which would take 256 MB for an 8k context."""
+    positions = ops.arange(seq)
+    allowed = (positions.reshape(1, seq) <= positions.reshape(seq, 1)).astype(ms.float32).reshape(1, 1, seq, seq)
+    if attention_mask is not None:
+        allowed = allowed * attention_mask.astype(ms.float32).reshape(attention_mask.shape[0], 1, 1, seq)
+    return (1.0 - allowed) * MASK_VALUE
 
 
 # --------------------------------------------------------------------------------------------
