@@ -272,7 +272,8 @@ def remove_progressive_layer_drop(model):
 class ProgressiveLayerDropping(Algorithm):
     """PLD for ``ms_prune.engine.Trainer`` or ``AlgorithmCallback`` (``mindspore.train.Model.train``).
 
-    INIT: wraps the layers (host noise). BATCH_START: writes theta(step) and one uniform per layer,
+    INIT: wraps the layers (host noise; no ``structure_changed``: the trainer and ``AlgorithmCallback``
+    build every step after INIT). BATCH_START: writes theta(step) and one uniform per layer,
     drawn from the run's ``state.rng``, into the compiled step: no recompilation, and a resumed run
     drops the layers the uninterrupted run dropped. The wrappers stay after FIT_END: they run every
     layer, unscaled, in evaluation, and keep the plain model's parameter names, so the trained model
@@ -298,7 +299,6 @@ class ProgressiveLayerDropping(Algorithm):
             if self._pending is not None:
                 self.schedule.load_state_dict(self._pending)
                 self._pending = None
-            state.structure_changed = True
         elif event == Event.BATCH_START:
             self.schedule.update_state(state.step)
             write_parameter(self._noise, state.rng.random(self._noise.shape[0]))

@@ -412,7 +412,8 @@ def apply_random_ltd(model, min_value, max_value, require_steps, seq_per_step=16
 class RandomLTD(Algorithm):
     """random-LTD for ``ms_prune.engine.Trainer``.
 
-    INIT: wraps the layers (host noise). BATCH_START: this batch's kept length
+    INIT: wraps the layers (host noise; no ``structure_changed``: the trainer and ``AlgorithmCallback``
+    build every step after INIT). BATCH_START: this batch's kept length
     ``min(scheduler.kept_length(), seq_len)`` on the wrappers (``graph_key``: the Trainer keeps one
     compiled step per kept length), fresh token scores from the run's ``state.rng`` written into the
     draw buffers (a resumed run keeps the tokens the uninterrupted run kept), and the learning rate
@@ -466,7 +467,6 @@ class RandomLTD(Algorithm):
             return self._convert(event, host_noise=False)
         if event == Event.INIT:
             self._convert(state.model, host_noise=True)
-            state.structure_changed = True
         elif event == Event.BATCH_START:
             self._shape = _batch_and_seq(state.batch[0].shape, self.kwargs["batch_first"])
             self._kept = _prepare_step(self.wrappers, self.draws, self.scheduler, *self._shape, state.optimizer,
