@@ -520,16 +520,16 @@ class PreTrainedCell(nn.Cell):
         backbone = self._backbone() if hasattr(self, "_backbone") else self
         backbone.return_penalty = flag
 
-    def apply_gates(self, l0_penalty=1.0, **gate_kwargs):
+    def apply_gates(self, l0_penalty=1.0, return_penalty=True, **gate_kwargs):
         """Put a ``ConcreteGate`` on the heads of every attention layer (from this model down)
-        and make the model return the summed gate penalty as its last output. ``gate_kwargs``
-        go to ``ConcreteGate`` (temperature, stretch_limits, eps, threshold, init_log_a).
-        A layer whose heads are all pruned gets no gate."""
+        and, with ``return_penalty``, make the model return the summed gate penalty as its last
+        output. ``gate_kwargs`` go to ``ConcreteGate`` (temperature, stretch_limits, eps,
+        threshold, init_log_a, host_noise). A layer whose heads are all pruned gets no gate."""
         from ms_prune.heads.concrete_gate import ConcreteGate
         for attention in self.attention_layers():
             attention.head_gate = (ConcreteGate(attention.num_heads, l0_penalty=l0_penalty, **gate_kwargs)
                                    if attention.num_heads else None)
-        self._set_return_penalty(True)
+        self._set_return_penalty(bool(return_penalty))
         return self.refresh_after_surgery()
 
     def remove_gates(self):

@@ -69,6 +69,16 @@ def lm_batches(tokens, batch_size, seq_len, rng):
         yield window[:, :-1], window[:, 1:]
 
 
+def lm_batch_fn(tokens, batch_size, seq_len, seed):
+    """A function ``step -> (input_ids, labels)`` of random windows drawn from ``(seed, step)``:
+    any step's batch can be had again, so a resumed run sees what the uninterrupted run saw."""
+    def batch(step):
+        starts = np.random.default_rng((seed, step)).integers(0, len(tokens) - seq_len - 1, batch_size)
+        window = np.stack([tokens[s:s + seq_len + 1] for s in starts])
+        return window[:, :-1], window[:, 1:]
+    return batch
+
+
 def lm_eval_windows(tokens, batch_size, seq_len, max_batches=None):
     """Consecutive non-overlapping (input_ids, labels) windows for perplexity."""
     count = (len(tokens) - 1) // seq_len

@@ -1,33 +1,38 @@
 """LRP head pruning of a small GPT-2 trained on tiny Shakespeare with the real GPT-2 BPE.
 
-Train the model, copy it with a Hard-Concrete gate on every head, train weights and gates (a
-Lagrangian term brings the expected number of open heads to ``target_fraction``), prune the closed
-heads for real, fine-tune briefly, and report validation perplexity before and after. The pruned
+Train the model, then train it on with the LRP algorithm (a Hard-Concrete gate on every head; a
+Lagrangian term brings the expected number of open heads to the recipe's ``target_fraction``),
+which prunes the closed heads for real at the end; fine-tune briefly, and report validation
+perplexity before and after. Every phase runs on ``ms_prune.engine.Trainer`` and checkpoints;
+``--resume`` continues an interrupted run from its last checkpoints. The pruned
 model trains for more steps than the first model did, so a copy of that model, unpruned, trains
 for the same extra steps at the same learning rates: the fair baseline the pruned model is
 compared with.
 
     python samples/lrp_gpt_shakespeare.py --quick            # CPU, GRAPH_MODE, < 15 minutes
+    python samples/lrp_gpt_shakespeare.py --quick --resume   # continue an interrupted run
     python samples/lrp_gpt_shakespeare.py --device_target GPU
 
 Tokens are GPT-2 BPE, re-numbered to the ids tiny Shakespeare uses (``compact_vocabulary``) so
 that the LM head does not dominate a small model.
 """
+import logging
 import os
 import sys
 import tempfile
 import time
 
-import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import ops
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ms_prune.data import compact_vocabulary, lm_batches, shakespeare_tokens  # noqa: E402
-from ms_prune.training import LMLoss, lm_perplexity, make_train_step, sample_cli, set_context, write_json  # noqa: E402
+from ms_prune.data import compact_vocabulary, lm_batch_fn, shakespeare_tokens  # noqa: E402
+from ms_prune.engine import Trainer  # noqa: E402
+from ms_prune.engine.recipes import build_algorithms  # noqa: E402
+from ms_prune.training import lm_perplexity, sample_cli, set_context, write_json  # noqa: E402
 
-KEYS = {"model", "seq_len", "batch_size", "train", "gates", "target_fraction", "recovery", "eval_batches",
+KEYS = {"model", "seq_len", "batch_size", "train", "gates", "recovery", "eval_batches",
         "eval_batches_quick", "log_every", "seed"}
 
 
@@ -35,25 +40,27 @@ def lm_cross_entropy(logits, labels):
     return ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def train(model, batches, steps, lr, weight_decay, log_every, tag):
-    model.set_train(True)
-    optimizer = nn.AdamWeightDecay(model.trainable_params(), learning_rate=lr, weight_decay=weight_decay)
-    step = make_train_step(LMLoss(model), optimizer)
-    start, recent = time.time(), []
-    for t in range(steps):
-        ids, labels = next(batches)
-        recent.append(float(step(Tensor(ids, ms.int32), Tensor(labels, ms.int32)).asnumpy()))
-        if (t + 1) % log_every == 0 or t + 1 == steps:
-            print(f"  [{tag}] step {t + 1}/{steps} loss {np.mean(recent[-log_every:]):.3f} "
-                  f"({time.time() - start:.0f} s)", flush=True)
+def train(model, batches, first_step, steps, lr, weight_decay, log_every, checkpoints, resume, algorithms=()):
+    """One phase on the engine's Trainer, on the batches from ``first_step`` on, checkpointed in
+    ``checkpoints`` (and resumed from there)."""
+    trainer = Trainer(model, lm_cross_entropy, lambda step: batches(first_step + step), max_steps=steps, algorithms=algorithms,
+                      lr=lr, weight_decay=weight_decay, log_interval=log_every,
+                      checkpoint_dir=checkpoints, checkpoint_interval=log_every * 4,
+                      resume_from="latest" if resume and os.path.isfile(os.path.join(checkpoints, "latest")) else None)
+    trainer.fit()
     model.set_train(False)
+    return trainer
 
 
 def main(argv=None):
-    args, config = sample_cli(__file__, __doc__, KEYS, "short schedules (< 15 minutes on CPU)", argv)
+    args, config = sample_cli(__file__, __doc__, KEYS, "short schedules (< 15 minutes on CPU)", argv,
+                              extra_arguments=[("--resume", dict(action="store_true",
+                                                                 help="continue from the last checkpoints"))])
+    logging.basicConfig(level=logging.INFO, format="  %(message)s")
     set_context("graph", args.device_target, seed=config["seed"])
-    from ms_prune.heads import HeadPrunerGPTLRP, train_gated
     from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
+    work = os.path.join(os.path.dirname(os.path.abspath(args.json)), "lrp_gpt_shakespeare_checkpoints")
+    phase = lambda name: os.path.join(work, name + ("_quick" if args.quick else ""))  # noqa: E731
 
     quick = args.quick
     pick = lambda section: section["quick_steps"] if quick else section["steps"]  # noqa: E731
@@ -63,7 +70,7 @@ def main(argv=None):
     (train_ids, val_ids), vocab_size = compact_vocabulary(*shakespeare_tokens())
     print(f"tiny Shakespeare: {len(train_ids):,} train / {len(val_ids):,} val GPT-2 BPE tokens, {vocab_size} ids",
           flush=True)
-    batches = lm_batches(train_ids, batch, seq, np.random.default_rng(config["seed"]))
+    batches = lm_batch_fn(train_ids, batch, seq, config["seed"])
     ppl = lambda m: lm_perplexity(m, val_ids, batch, seq, eval_batches)  # noqa: E731
 
     m = config["model"]
@@ -74,7 +81,7 @@ def main(argv=None):
     tr = config["train"]
     print(f"training GPT-2 ({m['n_layer']} layers x {m['n_head']} heads, d={m['n_embd']}) for {pick(tr)} steps "
           f"of {batch} x {seq}", flush=True)
-    train(model, batches, pick(tr), tr["lr"], tr["weight_decay"], log_every, "train")
+    train(model, batches, 0, pick(tr), tr["lr"], tr["weight_decay"], log_every, phase("train"), args.resume)
     base = {"perplexity": ppl(model), "heads": sum(model.heads_per_layer()), "parameters": model.num_parameters(),
             "flops": model.forward_flops(seq)}
     print(f"trained model: validation perplexity {base['perplexity']:.2f} ({time.time() - t0:.0f} s)", flush=True)
@@ -82,11 +89,12 @@ def main(argv=None):
     g, rec = config["gates"], config["recovery"]
     # the fair baseline: unpruned, trained as many more steps as the pruned model will be, at the
     # gated phase's and the recovery's learning rates
-    work = tempfile.mkdtemp(prefix="lrp_gpt_shakespeare_")
-    model.save_pretrained(work)
-    same_steps = GPT2LMHeadModel.from_pretrained(work)
-    train(same_steps, batches, pick(g), g["lr"], rec["weight_decay"], log_every, "baseline")
-    train(same_steps, batches, pick(rec), rec["lr"], rec["weight_decay"], log_every, "baseline")
+    copy = tempfile.mkdtemp(prefix="lrp_gpt_shakespeare_")
+    model.save_pretrained(copy)
+    same_steps = GPT2LMHeadModel.from_pretrained(copy)
+    train(same_steps, batches, pick(tr), pick(g), g["lr"], rec["weight_decay"], log_every, phase("baseline_gates"), args.resume)
+    train(same_steps, batches, pick(tr) + pick(g), pick(rec), rec["lr"], rec["weight_decay"], log_every, phase("baseline_recovery"),
+          args.resume)
     base["perplexity_same_steps"] = ppl(same_steps)
     reference = min(base["perplexity"], base["perplexity_same_steps"])
     del same_steps
@@ -94,26 +102,26 @@ def main(argv=None):
           f"{base['perplexity_same_steps']:.2f}; the pruned model is compared with the better one, {reference:.2f} "
           f"({time.time() - t0:.0f} s)", flush=True)
 
-    pruner = HeadPrunerGPTLRP(model, target_fraction=config["target_fraction"],
-                              warmup_steps=int(g["warmup_fraction"] * pick(g)))
-    gated = pruner.decorate_model()
-    print(f"target {pruner.target_heads}/{pruner.total_heads} heads: training gates for {pick(g)} steps", flush=True)
-    history = train_gated(pruner, gated, lm_cross_entropy, batches, pick(g), g["lr"], g["gate_lr"],
-                          g["lagrangian_lr"], log_every=log_every, log=lambda line: print(line, flush=True))
-    gated_ppl = ppl(gated)
-    pruned = pruner.prune_model(gated)
+    heads_before = sum(model.heads_per_layer())
+    algorithms = build_algorithms(g["algorithms"], path="gates.algorithms",
+                                  lrp={"warmup_steps": int(g["warmup_fraction"] * pick(g))})
+    lrp = algorithms[0]
+    print(f"LRP {lrp}: training gates for {pick(g)} steps, pruning at the end", flush=True)
+    gates = train(model, batches, pick(tr), pick(g), g["lr"], rec["weight_decay"], log_every, phase("gates"), args.resume,
+                  algorithms)
+    history = [(r["step"], r["loss"]) for r in gates.history]
+    pruned = model
     pruned_ppl = ppl(pruned)
-    print(f"  gated {gated_ppl:.2f}, pruned (before recovery) {pruned_ppl:.2f}, heads per layer "
-          f"{pruned.heads_per_layer()}", flush=True)
-    train(pruned, batches, pick(rec), rec["lr"], rec["weight_decay"], log_every, "recovery")
+    print(f"  pruned (before recovery) {pruned_ppl:.2f}, heads per layer {pruned.heads_per_layer()}", flush=True)
+    train(pruned, batches, pick(tr) + pick(g), pick(rec), rec["lr"], rec["weight_decay"], log_every, phase("recovery"), args.resume)
     final_ppl = ppl(pruned)
-    run = {"target_heads": pruner.target_heads, "heads": sum(pruned.heads_per_layer()),
+    run = {"target_heads": lrp.target, "heads": sum(pruned.heads_per_layer()),
            "heads_per_layer": pruned.heads_per_layer(), "pruned_heads": pruned.config.pruned_heads,
-           "perplexity_gated": gated_ppl, "perplexity_pruned": pruned_ppl,
+           "perplexity_pruned": pruned_ppl,
            "perplexity_after_recovery": final_ppl, "perplexity_change": final_ppl / reference - 1,
            "parameters": pruned.num_parameters(),
-           "flops": pruned.forward_flops(seq), "gate_history": history}
-    print(f"kept {run['heads']}/{base['heads']} heads: validation perplexity {reference:.2f} (best baseline) -> "
+           "flops": pruned.forward_flops(seq), "gate_phase_losses": history}
+    print(f"kept {run['heads']}/{heads_before} heads: validation perplexity {reference:.2f} (best baseline) -> "
           f"{final_ppl:.2f} ({100 * run['perplexity_change']:+.1f}%); parameters "
           f"{base['parameters']:,} -> {run['parameters']:,}; FLOPs/sequence {base['flops'] / 1e9:.3f}G -> "
           f"{run['flops'] / 1e9:.3f}G ({time.time() - t0:.0f} s)", flush=True)

@@ -19,8 +19,9 @@ class Engine:
     def __init__(self, state, logger=None):
         for i, algorithm in enumerate(state.algorithms):
             check_instance("Engine", f"algorithms[{i}]", algorithm, Algorithm)
-        names = [type(a) for a in state.algorithms]
-        repeated = sorted({t.__name__ for t in names if names.count(t) > 1})
+        # checkpoints keep algorithm states by name
+        names = [a.name for a in state.algorithms]
+        repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"Engine: each algorithm may appear once; repeated: {repeated}")
         self.state = state

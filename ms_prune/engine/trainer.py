@@ -77,7 +77,8 @@ class Trainer:
     * ``train_data``: an iterable of batches, iterated again each epoch (a resumed run skips the
       batches already seen in the epoch), or a function ``step -> batch``.
     * ``optimizer``: a function ``params -> mindspore Optimizer`` (it is called again after
-      surgery; ``params`` is a list of Parameters or of groups); default AdamW at ``lr``.
+      surgery; ``params`` is a list of Parameters or of groups); default AdamW at ``lr`` and
+      ``weight_decay``.
     * ``eval_fn(model) -> {name: value}`` every ``eval_interval`` steps and at the end.
     * ``checkpoint_dir`` / ``checkpoint_interval``: a checkpoint every N steps (and at the end):
       model, optimizer and algorithm tensors, algorithm states, counters and the RNG state.
@@ -87,7 +88,7 @@ class Trainer:
     """
 
     def __init__(self, model, loss_fn, train_data, max_steps, algorithms=(), optimizer=None, lr=1e-3,
-                 num_inputs=None, eval_fn=None, eval_interval=0, log_interval=10, checkpoint_dir=None,
+                 weight_decay=0.0, num_inputs=None, eval_fn=None, eval_interval=0, log_interval=10, checkpoint_dir=None,
                  checkpoint_interval=0, keep_checkpoints=2, resume_from=None, seed=0, logger=None):
         owner = "Trainer"
         if not isinstance(model, nn.Cell):
@@ -106,7 +107,8 @@ class Trainer:
         self.keep_checkpoints = check_int(owner, "keep_checkpoints", keep_checkpoints, minimum=1)
         seed = check_int(owner, "seed", seed, minimum=0)
         if optimizer is None:
-            optimizer = default_optimizer(check_number(owner, "lr", lr, minimum=0.0, min_open=True))
+            optimizer = default_optimizer(check_number(owner, "lr", lr, minimum=0.0, min_open=True),
+                                          check_number(owner, "weight_decay", weight_decay, minimum=0.0))
         elif not callable(optimizer) or isinstance(optimizer, nn.Optimizer):
             raise TypeError(f"{owner}: optimizer must be a function params -> Optimizer (it is rebuilt after "
                             f"surgery), got {type(optimizer).__name__}; e.g. "
@@ -165,6 +167,10 @@ class Trainer:
             return tuple(self.train_data(state.step))
         if self._data_iter is None:
             self._data_iter = iter(self.train_data)
+            if state.batch_in_epoch and self._data_iter is self.train_data:
+                raise ValueError("Trainer: train_data is a one-pass iterator, so a resumed run cannot see the "
+                                 "batches the uninterrupted run saw; pass a re-iterable (a list, a Dataset) or a "
+                                 "function step -> batch")
             for _ in range(state.batch_in_epoch):  # a resumed run skips what the epoch has seen
                 next(self._data_iter)
         try:

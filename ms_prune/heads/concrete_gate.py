@@ -23,6 +23,8 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from ms_prune.training import write_parameter
+
 CLOSED_THRESHOLD = 0.5
 # log_a of a head snapped shut: its evaluation gate is exactly 0 and its training gate is 0
 # except with probability sigmoid(-12 + T*log(11)) ~ 1.4e-5; see ``close``.
@@ -66,7 +68,7 @@ class ConcreteGate(nn.Cell):
     """
 
     def __init__(self, num_heads, temperature=0.33, stretch_limits=(-0.1, 1.1), l0_penalty=1.0, eps=1e-6,
-                 threshold=CLOSED_THRESHOLD, init_log_a=None):
+                 threshold=CLOSED_THRESHOLD, init_log_a=None, host_noise=False):
         super().__init__()
         if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)) or num_heads <= 0:
             raise ValueError(f"ConcreteGate: num_heads must be a positive int, got {num_heads!r}")
@@ -82,15 +84,26 @@ class ConcreteGate(nn.Cell):
         init = open_log_a(self.stretch_limits) if init_log_a is None else init_log_a
         values = np.broadcast_to(np.asarray(init, np.float32), (self.num_heads,)).copy()
         self.log_a = Parameter(Tensor(values), name="log_a")
+        # The decision (1 kept, 0 dropped) that evaluation applies: written from the host by the LRP
+        # algorithm after each step (``write_decision``), so evaluation, the training log and the
+        # pruning all follow the same decision at any point of training, also with a head target.
+        self.keep_mask = Parameter(Tensor(np.ones((self.num_heads,), np.float32)), name="keep_mask",
+                                   requires_grad=False)
+        # host_noise: the uniform draws come from the host (``write_noise``) instead of ops.rand, so
+        # a run driven by the engine is reproducible and resumes to the same draws.
+        self.host_noise = bool(host_noise)
+        self.noise = Parameter(Tensor(np.full((self.num_heads,), 0.5, np.float32)), name="noise",
+                               requires_grad=False)
 
     def get_gates(self, is_train):
         """(num_heads,) gate values: noisy when ``is_train``, else deterministic (see module doc)."""
         if is_train:
-            u = ops.rand((self.num_heads,), dtype=ms.float32) * (1.0 - 2.0 * self.eps) + self.eps
+            u = self.noise if self.host_noise else ops.rand((self.num_heads,), dtype=ms.float32)
+            u = u * (1.0 - 2.0 * self.eps) + self.eps
             s = ops.sigmoid((ops.log(u) - ops.log(1.0 - u) + self.log_a) / self.temperature)
             return ops.clamp(s * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
         gates = ops.clamp(ops.sigmoid(self.log_a) * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
-        return gates * (gates > self.threshold).astype(gates.dtype)
+        return gates * (gates > self.threshold).astype(gates.dtype) * self.keep_mask
 
     def construct(self, values):
         gates = self.get_gates(self.training)
@@ -109,8 +122,18 @@ class ConcreteGate(nn.Cell):
 
     def gate_values(self):
         """Evaluation gate values as a numpy array (exactly what ``get_gates(False)`` gives)."""
-        gates = self.raw_gate_values()
+        gates = self.raw_gate_values() * self.keep_mask.asnumpy()
         return np.where(gates > self.threshold, gates, 0.0).astype(np.float32)
+
+    def write_decision(self, keep_positions):
+        """Evaluation keeps exactly the heads at ``keep_positions`` (the others give 0)."""
+        mask = np.zeros((self.num_heads,), np.float32)
+        mask[list(keep_positions)] = 1.0
+        write_parameter(self.keep_mask, mask)
+
+    def write_noise(self, rng):
+        """This step's uniform draws, from the numpy Generator ``rng`` (with ``host_noise``)."""
+        write_parameter(self.noise, rng.random(self.num_heads, dtype=np.float32))
 
     def expected_open(self):
         log_a = self.log_a.asnumpy().astype(np.float64)
@@ -119,8 +142,11 @@ class ConcreteGate(nn.Cell):
     def keep(self, positions):
         """Keep only the gates at ``positions`` (the layer's heads were pruned)."""
         positions = [int(p) for p in positions]
-        kept = self.log_a.asnumpy()[positions] if positions else np.zeros((0,), np.float32)
-        self.log_a = Parameter(Tensor(np.ascontiguousarray(kept, np.float32)), name=self.log_a.name)
+        for name in ("log_a", "keep_mask", "noise"):
+            old = getattr(self, name)
+            kept = old.asnumpy()[positions] if positions else np.zeros((0,), np.float32)
+            setattr(self, name, Parameter(Tensor(np.ascontiguousarray(kept, np.float32)), name=old.name,
+                                          requires_grad=old.requires_grad))
         self.num_heads = len(positions)
 
     def close(self, positions):

@@ -13,6 +13,8 @@ import copy
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from ms_prune.training import write_parameter
+
 from .concrete_gate import CLOSED_THRESHOLD, check_gate_args
 
 
@@ -66,7 +68,7 @@ class LRPObjective(nn.Cell):
 
     def set_step(self, step):
         if self.use_target:
-            self.target.set_data(Tensor(np.float32(self.target_at(step))))
+            write_parameter(self.target, self.target_at(step))
 
     def multipliers(self):
         """The multipliers the optimizer ascends (lambda_1 only with ``linear_term``)."""
@@ -273,15 +275,7 @@ class AbstractHeadPrunerLRP:
         if any(a.num_heads and g is None for a, g in zip(self.attention_layers(gated_model), gates)):
             raise ValueError(f"{type(self).__name__}: the model passed is not gated (use decorate_model's result)")
         values = [g.gate_values() if g is not None else np.zeros((0,), np.float32) for g in gates]
-        if self.target_heads is None:
-            return [(sorted(np.flatnonzero(v > 0.0).tolist()), v) for v in values]
-        scores = [(float(g.log_a.asnumpy()[p]), -layer, -p, layer, p)
-                  for layer, g in enumerate(gates) if g is not None for p in range(g.num_heads)]
-        best = sorted(scores, reverse=True)[:self.target_heads]
-        keep = [[] for _ in gates]
-        for *_, layer, p in best:
-            keep[layer].append(p)
-        return [(sorted(k), v) for k, v in zip(keep, values)]
+        return list(zip(decide_heads(gates, self.target_heads), values))
 
     def gate_summary(self, gated_model):
         """Open heads per layer (by the one threshold), their total, and the expected open count."""
@@ -328,7 +322,10 @@ class AbstractHeadPrunerLRP:
         return [(name, p) for name, p in model.parameters_and_names() if id(p) in gate_ids]
 
     def _gate_names(self, model):
-        return {name for name, _ in self._gate_params(model)}
+        """Every tensor of the gates (log_a, and the decision and noise buffers)."""
+        ids = {id(p) for a in self.attention_layers(model) if a.head_gate is not None
+               for p in a.head_gate.get_parameters()}
+        return {name for name, p in model.parameters_and_names() if id(p) in ids}
 
     def _copy_tensors(self, source, target, mapping, skip, what):
         owner = type(self).__name__
@@ -358,17 +355,38 @@ class AbstractHeadPrunerLRP:
             raise ValueError(f"{owner}.{what}: " + " | ".join(problems))
 
     def _fold(self, attention, keep, values):
-        """Scale the output-projection inputs of each kept head by its gate value."""
-        projection, layout = self.output_projection(attention)
-        if layout not in ("linear", "conv1d"):
-            raise ValueError(f"{type(self).__name__}.output_projection must return layout 'linear' or 'conv1d', "
-                             f"got {layout!r}")
-        scale = np.ones((attention.num_heads * attention.head_dim,), np.float32)
-        for p in keep:
-            scale[p * attention.head_dim:(p + 1) * attention.head_dim] = values[p]
-        weight = projection.weight.asnumpy()
-        weight = weight * (scale[None, :] if layout == "linear" else scale[:, None])
-        projection.weight.set_data(Tensor(np.ascontiguousarray(weight, np.float32)))
+        fold_gate_values(attention, self.output_projection(attention), keep, values)
+
+
+def decide_heads(gates, target_heads=None):
+    """Which heads each gate keeps (sorted positions; [] for a layer without a gate): the one
+    decision that evaluation, the training log and pruning all follow. Without a target a head is
+    kept when its evaluation formula value is above its gate's threshold; with ``target_heads``,
+    the ``target_heads`` best by ``log_a`` over the whole model (ties: earlier layer, then head)."""
+    if target_heads is None:
+        return [sorted(np.flatnonzero(g.raw_gate_values() > g.threshold).tolist()) if g is not None else []
+                for g in gates]
+    scores = [(float(g.log_a.asnumpy()[p]), -layer, -p, layer, p)
+              for layer, g in enumerate(gates) if g is not None for p in range(g.num_heads)]
+    keep = [[] for _ in gates]
+    for *_, layer, p in sorted(scores, reverse=True)[:target_heads]:
+        keep[layer].append(p)
+    return [sorted(k) for k in keep]
+
+
+def fold_gate_values(attention, projection, keep, values):
+    """Scale the output-projection inputs of each kept head by its gate value, so the ungated
+    (pruned) attention computes what the gated one computes in evaluation. ``projection`` is
+    ``(cell, layout)``: 'linear' (weight (out, in)) or 'conv1d' (weight (in, out))."""
+    cell, layout = projection
+    if layout not in ("linear", "conv1d"):
+        raise ValueError(f"output_projection must return layout 'linear' or 'conv1d', got {layout!r}")
+    scale = np.ones((attention.num_heads * attention.head_dim,), np.float32)
+    for p in keep:
+        scale[p * attention.head_dim:(p + 1) * attention.head_dim] = values[p]
+    weight = cell.weight.asnumpy()
+    weight = weight * (scale[None, :] if layout == "linear" else scale[:, None])
+    cell.weight.set_data(Tensor(np.ascontiguousarray(weight, np.float32)))
 
 
 class HeadPrunerBertLRP(AbstractHeadPrunerLRP):

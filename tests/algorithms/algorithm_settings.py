@@ -1,0 +1,68 @@
+"""One row per algorithm: what the generic suite (``test_algorithm_suite.py``) needs to run it.
+A new algorithm is tested by adding a row.
+
+Each row maps a name to a dict:
+
+* ``algorithm``: ``() -> Algorithm`` (a fresh instance, arguments for a tiny run);
+* ``model``: ``() -> model`` (tiny, dropout 0: MindSpore's dropout kernels keep their random
+  state inside the kernel, so only a dropout-free model can resume to the identical next loss);
+* ``data``: ``step -> batch`` (tuple of numpy arrays: model inputs, then targets);
+* ``loss_fn``: ``(outputs, *targets) -> loss``, a module-level function (graph mode parses it);
+* ``apply`` / ``remove``: the functional form and its inverse, ``model -> anything``;
+* ``adds_tensors``: names a prefix test for tensors the functional form adds to the model (gates),
+  or None: then the model's tensor names must be exactly the original ones after ``apply``;
+* ``model_train``: True if the algorithm runs under ``AlgorithmCallback`` with
+  ``mindspore.train.Model.train``; False if the callback must refuse it, naming the Trainer;
+* ``steps``: how many steps the suite trains.
+"""
+import numpy as np
+from mindspore import ops
+
+from ms_prune.heads.algorithm import LRP, apply_lrp, remove_lrp
+from ms_prune.models.bert import BertConfig, BertForSequenceClassification
+from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
+
+VOCAB = 60
+
+
+def tiny_bert(pre_layer_norm=False):
+    return BertForSequenceClassification(BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3,
+        pre_layer_norm=pre_layer_norm))
+
+
+def tiny_gpt2():
+    return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=3, n_head=4,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def classification_batch(step, batch=8, seq=12):
+    rng = np.random.default_rng(step)
+    ids = rng.integers(0, VOCAB, (batch, seq)).astype(np.int32)
+    return ids, (ids[:, 0] % 3).astype(np.int32)
+
+
+def lm_batch(step, batch=4, seq=16):
+    ids = np.random.default_rng(step).integers(0, VOCAB, (batch, seq + 1)).astype(np.int32)
+    return ids[:, :-1], ids[:, 1:]
+
+
+def classification_loss(logits, labels):
+    return ops.cross_entropy(logits, labels)
+
+
+def lm_loss(logits, labels):
+    return ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def is_gate_tensor(name):
+    return ".head_gate." in name
+
+
+ALGORITHM_SETTINGS = {
+    "lrp": dict(
+        algorithm=lambda: LRP(target_heads=5, warmup_steps=3, gate_lr=0.3),
+        model=tiny_bert, data=classification_batch, loss_fn=classification_loss,
+        apply=apply_lrp, remove=remove_lrp, adds_tensors=is_gate_tensor, model_train=True, steps=6),
+}

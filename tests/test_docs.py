@@ -1,0 +1,36 @@
+"""Every ```python block of README.md and of the algorithm READMEs runs as written, so a
+documented example cannot rot. The blocks of one file run in order in one process (a later block
+may use an earlier one's names), from the repository root. A block that cannot run here is
+marked by the line ``<!-- not runnable: REASON -->`` right above it, and the reason is required."""
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DOCS = sorted(["README.md"] + [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "ms_prune", "*", "README.md"))])
+BLOCK = re.compile(r"(<!--\s*not runnable:?(?P<reason>[^>]*)-->\s*\n)?```python\n(?P<code>.*?)```", re.S)
+
+
+def python_blocks(path):
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    return [(m.group("code"), m.group(1) is not None, (m.group("reason") or "").strip()) for m in BLOCK.finditer(text)]
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_documented_python_runs_as_written(path, tmp_path):
+    blocks = python_blocks(path)
+    for _, skipped, reason in blocks:
+        assert not skipped or reason, f"{path}: a block marked 'not runnable' must say why"
+    code = "\n".join(code for code, skipped, _ in blocks if not skipped)
+    if not code.strip():
+        pytest.skip(f"{path} has no runnable python block")
+    script = tmp_path / "doc_blocks.py"
+    script.write_text(code)
+    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, f"{path}: its python blocks fail:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
