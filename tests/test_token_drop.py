@@ -4,6 +4,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from ms_prune.data import lm_batch_fn
 from ms_prune.engine import AlgorithmCallback, Trainer
 from ms_prune.models.bert import BertConfig, BertModel
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -12,7 +13,7 @@ from ms_prune.token_drop import (LayerTokenLR, RandomLayerTokenDrop, RandomLTD, 
                                  convert_to_random_ltd, forward_flops_with_ltd, kept_attention_bias,
                                  apply_random_ltd, random_ltd_layers, revert_random_ltd, set_learning_rate,
                                  token_draws)
-from ms_prune.training import LMLoss, write_parameter
+from ms_prune.training import LMLoss, lm_cross_entropy, write_parameter
 
 B, S = 2, 8
 
@@ -411,16 +412,7 @@ def test_host_noise_scores_choose_the_tokens(mode, share):
         np.testing.assert_allclose(draw.scores.asnumpy(), written, rtol=1e-6)
 
 
-class TokenCrossEntropy(nn.Cell):
-    """The Trainer's loss_fn(logits, labels) for (batch, seq, vocab) logits."""
-
-    def construct(self, logits, labels):
-        return ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
-def lm_batch(step):
-    tokens = np.random.default_rng(step % 3).integers(0, 40, (B, S + 1)).astype(np.int32)
-    return tokens[:, :-1], tokens[:, 1:]
+lm_batch = lm_batch_fn(np.random.default_rng(0).integers(0, 40, 200).astype(np.int32), B, S, seed=0)
 
 
 def ltd_trainer(max_steps, checkpoint_dir, **kwargs):
@@ -428,7 +420,7 @@ def ltd_trainer(max_steps, checkpoint_dir, **kwargs):
     # kept length t + 2 rounded down to even: [2, 2, 4, 4, 6, 6] then 8 = S
     algorithm = RandomLTD(min_value=2, max_value=S, require_steps=6, seq_per_step=2, layer_ids=[1],
                           lr_schedule=LayerTokenLR(1e-2, total_layer_tokens=400, warmup_layer_tokens=50))
-    trainer = Trainer(model, TokenCrossEntropy(), lm_batch, max_steps, algorithms=[algorithm], log_interval=0,
+    trainer = Trainer(model, lm_cross_entropy, lm_batch, max_steps, algorithms=[algorithm], log_interval=0,
                       checkpoint_dir=checkpoint_dir, **kwargs)
     return trainer, algorithm
 
