@@ -29,7 +29,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "tokenizers"],
+        "test": ["pytest", "tokenizers", "hypothesis"],
         "samples": ["tokenizers", "matplotlib"],
     },
 )

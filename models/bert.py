@@ -14,8 +14,8 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from .modeling_utils import (Embedding, HeadPrunableAttention, LayerNorm, Linear, OutputBias, PreTrainedCell,
-                             PretrainedConfig, additive_padding_bias, slice_input_projection,
-                             slice_output_projection)
+                             PretrainedConfig, PrunedUnits, additive_padding_bias, check_model_inputs,
+                             slice_input_projection, slice_output_projection)
 
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "HeadPrunerBertLRP", "mean_pooling"]
 
@@ -223,6 +223,18 @@ class BertPreTrainedCell(PreTrainedCell):
     def _backbone_name(self):
         return ""
 
+    def _prunable_units(self):
+        prefix = self._backbone_name()
+        units = []
+        for i, attention in enumerate(self.attention_layers()):
+            base = f"{prefix}encoder.layer.{i}.attention."
+            tensors = [(f"{base}self.{name}.{kind}", 0, 1) for name in ("query", "key", "value")
+                       for kind in ("weight", "bias")]
+            tensors.append((f"{base}output.dense.weight", 1, 1))
+            units.append(PrunedUnits("heads", i, attention.total_heads, attention.kept_heads, attention.head_dim,
+                                     tensors))
+        return units
+
 
 class BertModel(BertPreTrainedCell):
     """Returns ``(sequence_output, pooled_output)`` (and the gate penalty when gated)."""
@@ -231,11 +243,17 @@ class BertModel(BertPreTrainedCell):
 
     def __init__(self, config):
         super().__init__(config)
+        self.max_positions = config.max_position_embeddings  # a plain int: a graph-mode constant
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
         self.pooler = BertPooler(config)
 
     def construct(self, input_ids, attention_mask=None, token_type_ids=None):
+        check_model_inputs("BertModel", input_ids, attention_mask, self.max_positions,
+                           "max_position_embeddings")
+        if token_type_ids is not None and token_type_ids.shape != input_ids.shape:
+            raise ValueError(f"BertModel: token_type_ids must have the shape of input_ids {input_ids.shape}, "
+                             f"got {token_type_ids.shape}")
         if attention_mask is None:
             attention_mask = ops.ones_like(input_ids)
         if token_type_ids is None:

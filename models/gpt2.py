@@ -14,8 +14,8 @@ from mindspore import Tensor, nn, ops
 
 from .bert import activation
 from .modeling_utils import (MASK_VALUE, Conv1D, Embedding, HeadPrunableAttention, LayerNorm,
-                             OutputBias, PreTrainedCell, PretrainedConfig, slice_input_projection,
-                             slice_output_projection)
+                             OutputBias, PreTrainedCell, PretrainedConfig, PrunedUnits, check_model_inputs,
+                             slice_input_projection, slice_output_projection)
 
 __all__ = ["GPT2Config", "GPT2Model", "GPT2LMHeadModel", "HeadPrunerGPTLRP"]
 
@@ -128,6 +128,16 @@ class GPT2PreTrainedCell(PreTrainedCell):
     def _is_embedding_parameter(self, name):
         return name.split(".")[-2] in ("wte", "wpe")
 
+    def _prunable_units(self):
+        units = []
+        for i, attention in enumerate(self.attention_layers()):
+            base = f"{self._backbone_name()}h.{i}.attn."
+            # c_attn holds [Q | K | V] (Conv1D: features on axis 1), each sliced alike
+            tensors = [(base + "c_attn.weight", 1, 3), (base + "c_attn.bias", 0, 3), (base + "c_proj.weight", 0, 1)]
+            units.append(PrunedUnits("heads", i, attention.total_heads, attention.kept_heads, attention.head_dim,
+                                     tensors))
+        return units
+
     def _zero_size_tensors(self):
         state = {}
         width = self.config.n_embd
@@ -145,6 +155,7 @@ class GPT2Model(GPT2PreTrainedCell):
 
     def __init__(self, config):
         super().__init__(config)
+        self.max_positions = config.n_positions  # a plain int: a graph-mode constant
         heads = range(config.n_head)
         self.wte = Embedding(config.vocab_size, config.n_embd, config.initializer_range)
         self.wpe = Embedding(config.n_positions, config.n_embd, config.initializer_range)
@@ -156,6 +167,7 @@ class GPT2Model(GPT2PreTrainedCell):
         self.causal = Tensor(np.tril(np.ones((config.n_positions, config.n_positions), np.float32)))
 
     def construct(self, input_ids, attention_mask=None):
+        check_model_inputs("GPT2Model", input_ids, attention_mask, self.max_positions, "n_positions")
         seq = input_ids.shape[1]
         positions = ops.arange(seq).astype(ms.int32)
         hidden = self.drop(self.wte(input_ids) + self.wpe(positions))

@@ -16,6 +16,8 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
+from ms_prune.fileio import atomic_write
+
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
@@ -85,8 +87,18 @@ class PretrainedConfig:
 
     @classmethod
     def from_json_file(cls, path):
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                values = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
+                             f"the file is truncated or corrupt: restore or re-save it") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                             f"it is corrupt or not a config.json") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path} must hold a JSON object of config keys, got a {type(values).__name__}")
+        return cls.from_dict(values)
 
     @classmethod
     def from_pretrained(cls, directory):
@@ -95,14 +107,19 @@ class PretrainedConfig:
     def to_dict(self):
         values = dict(self.extra)
         values.update({key: copy.deepcopy(getattr(self, key)) for key in self.defaults})
-        values["pruned_heads"] = {str(k): v for k, v in sorted(self.pruned_heads.items()) if v}
+        values.pop("pruned_heads", None)
+        pruned = {str(k): v for k, v in sorted(self.pruned_heads.items()) if v}
+        if pruned:  # like transformers, only when something is pruned: a dense model's config has none
+            values["pruned_heads"] = pruned
         values["model_type"] = self.model_type
         return values
 
+    def to_json_string(self):
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
     def save_pretrained(self, directory):
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
-            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+        with atomic_write(os.path.join(directory, CONFIG_NAME), binary=False) as f:
+            f.write(self.to_json_string())
 
     def copy(self, **changes):
         config = copy.deepcopy(self)
@@ -317,6 +334,65 @@ class LayerWrapper(nn.Cell):
         return self
 
 
+def check_model_inputs(owner, input_ids, attention_mask, max_positions, position_key):
+    """Refuse inputs the kernels would reject with an opaque message (or, for ids past the
+    position table, a Gather index error) and name the argument instead.
+
+    Called at the top of a model's ``construct``: ranks, shapes and dtypes are compile-time
+    constants in GRAPH_MODE, so these conditions fold away at graph build time (an error is raised
+    while compiling) and a step pays no host round-trip; in PyNative they are plain Python checks.
+    """
+    if len(input_ids.shape) != 2:
+        raise ValueError(f"{owner}: input_ids must be 2-D (batch, seq) token ids, got shape {input_ids.shape}")
+    if input_ids.dtype not in (ms.int32, ms.int64):
+        raise TypeError(f"{owner}: input_ids must hold int32 or int64 token ids, got dtype {input_ids.dtype}")
+    if input_ids.shape[1] > max_positions:
+        raise ValueError(f"{owner}: input_ids has {input_ids.shape[1]} tokens per sequence, more than the "
+                         f"{max_positions} positions of the position table (config.{position_key}); "
+                         f"truncate or split the input")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"{owner}: attention_mask must have the shape of input_ids {input_ids.shape}, "
+                         f"got {attention_mask.shape}")
+
+
+def densify(array, axis, blocks, total, kept, width):
+    """Put the slices of ``kept`` units (``width`` features each) of a pruned tensor back at their
+    original places along ``axis``, zeros elsewhere. ``blocks`` > 1 for fused projections (GPT-2's
+    ``c_attn`` holds Q, K and V side by side, each pruned alike)."""
+    kept = list(kept)
+    if array.shape[axis] != blocks * len(kept) * width:
+        raise ValueError(f"densify: axis {axis} of shape {array.shape} should hold {blocks} x {len(kept)} "
+                         f"units of width {width}")
+    shape = list(array.shape)
+    shape[axis] = blocks * total * width
+    dense = np.zeros(shape, array.dtype)
+    if kept:
+        within = (np.asarray(kept)[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+        index = np.concatenate([b * total * width + within for b in range(blocks)])
+        dense_view, array_view = np.moveaxis(dense, axis, 0), np.moveaxis(array, axis, 0)
+        dense_view[index] = array_view
+    return dense
+
+
+class PrunedUnits:
+    """One layer's prunable units of one kind: how many there were (``total``), which remain
+    (``kept``, original numbers), features per unit (``width``) and the checkpoint tensors they
+    occupy: (hf_name, axis, blocks). ``export_hf_dense`` re-inflates every listed tensor.
+
+    Heads of BERT layer i: width head_dim, Q/K/V weights and biases on axis 0, the output
+    projection's weight on axis 1. Another kind adds its entries to the model's
+    ``_prunable_units`` and its config record to ``_pruning_records``; FFN neurons of BERT layer i
+    would be width 1 with ``intermediate.dense.weight``/``.bias`` on axis 0 and
+    ``output.dense.weight`` on axis 1 (GPT-2: ``mlp.c_fc`` weight axis 1 and bias axis 0,
+    ``mlp.c_proj.weight`` axis 0): a zeroed neuron gives act(0) = 0 for gelu/relu, read by a zero
+    column.
+    """
+
+    def __init__(self, kind, layer, total, kept, width, tensors):
+        self.kind, self.layer, self.total, self.kept, self.width = kind, layer, total, list(kept), width
+        self.tensors = list(tensors)
+
+
 def additive_padding_bias(attention_mask, dtype=ms.float32):
     """(batch, seq) 1/0 mask -> (batch, 1, 1, seq) additive bias."""
     return (1.0 - attention_mask.astype(dtype)).reshape(attention_mask.shape[0], 1, 1, -1) * MASK_VALUE
@@ -418,8 +494,18 @@ class PreTrainedCell(nn.Cell):
         if config_changes:
             config = config.copy(**config_changes)
         model = cls(config)
+        from safetensors import SafetensorError
         from safetensors.numpy import load_file
-        model.load_hf_state_dict(load_file(weights_path), strict=strict)
+        try:
+            state = load_file(weights_path)
+        except SafetensorError as err:
+            raise ValueError(f"{weights_path} is not a readable safetensors file ({err}, "
+                             f"{os.path.getsize(weights_path)} bytes); it is truncated or corrupt: "
+                             f"restore or re-save it") from None
+        try:
+            model.load_hf_state_dict(state, strict=strict)
+        except ValueError as err:
+            raise ValueError(f"{weights_path} with {config_path}: {err}") from None
         return model
 
     def load_hf_state_dict(self, state, strict=True):
@@ -475,19 +561,66 @@ class PreTrainedCell(nn.Cell):
         return {}
 
     def save_pretrained(self, directory):
-        from safetensors.numpy import save_file
-        os.makedirs(directory, exist_ok=True)
+        """Write ``config.json`` + ``model.safetensors`` in our compact layout: pruned tensors keep
+        their pruned shapes and ``config.pruned_heads`` records what is gone, so
+        ``from_pretrained`` rebuilds the same model (and transformers 4.x reads it, except BERT
+        layers left with no head). For a checkpoint every transformers version loads, see
+        :meth:`export_hf_dense`."""
         self.config.extra["architectures"] = [type(self).__name__]
-        self.config.save_pretrained(directory)
-        save_file({k: np.ascontiguousarray(v) for k, v in self.hf_state_dict().items()},
-                  os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+        self._write_checkpoint(directory, self.config, self.hf_state_dict())
+
+    def export_hf_dense(self, directory):
+        """Write a checkpoint in the UNPRUNED (dense) shapes of ``config``, with no
+        ``pruned_heads``: transformers 5.x (which dropped head pruning) and 4.x load it with
+        ``from_pretrained`` as an ordinary model, with no warnings, and compute what this model
+        computes. Removed heads become zeros: their Q/K/V rows and their columns of the
+        output projection (a layer with no heads left keeps only the projection bias), so a
+        zeroed head's context is 0 and it adds nothing.
+
+        The cost: the file and the loaded model are as big as the unpruned model, and transformers
+        computes the zeroed heads anyway (dense FLOPs and latency). Keep ``save_pretrained`` for
+        the small, fast pruned model; ``from_pretrained`` reads both.
+        """
+        state = self.hf_state_dict()
+        for units in self._prunable_units():
+            for name, axis, blocks in units.tensors:
+                state[name] = densify(state[name], axis, blocks, units.total, units.kept, units.width)
+        config = self.config.copy(**{key: {} for key in self._pruning_records if key in self.config.defaults})
+        config.extra["architectures"] = [type(self).__name__]
+        self._write_checkpoint(directory, config, state)
+
+    # config keys that record removed units; the dense export clears them
+    _pruning_records = ("pruned_heads",)
+
+    def _prunable_units(self):
+        """The ``PrunedUnits`` of every layer: which checkpoint tensors each unit kind occupies."""
+        raise NotImplementedError
+
+    def _write_checkpoint(self, directory, config, state):
+        """Each file is written whole beside its destination and renamed over it (``atomic_write``),
+        so a process killed while saving leaves the previous checkpoint. Both files are complete
+        on disk before the first rename; only a kill between the two renames (microseconds)
+        leaves a new config.json beside old weights, which ``from_pretrained`` then names as a
+        shape mismatch instead of loading."""
+        from safetensors.numpy import save
+        existing = [name for name in (CONFIG_NAME, WEIGHTS_NAME) if os.path.exists(os.path.join(directory, name))]
+        if existing:
+            logger.warning("%s.save_pretrained: overwriting the model files %s in %s", type(self).__name__,
+                           existing, os.path.abspath(directory))
+        # serialised in memory first (one extra copy of the weights) so that atomic_write gets bytes
+        payload = save({k: np.ascontiguousarray(v) for k, v in state.items()}, metadata={"format": "pt"})
+        with atomic_write(os.path.join(directory, WEIGHTS_NAME)) as weights, \
+                atomic_write(os.path.join(directory, CONFIG_NAME), binary=False) as config_file:
+            weights.write(payload)
+            config_file.write(config.to_json_string())
 
     # ---- head pruning -----------------------------------------------------------------------
     def prune_heads(self, heads_to_prune):
         """Physically remove heads: ``{layer: [head, ...]}`` in the ORIGINAL head numbering.
 
         Repeated calls merge; ``config.pruned_heads`` records the union so that a saved model
-        reloads with the same shapes. A layer may lose all its heads (its attention then adds
+        reloads with the same shapes. Layer keys may be digit strings ("0"), as JSON delivers
+        them; any other non-int key is a TypeError. A layer may lose all its heads (its attention then adds
         only the output projection's bias; the residual path stays).
         """
         layers = self.attention_layers()
@@ -495,7 +628,12 @@ class PreTrainedCell(nn.Cell):
             raise TypeError(f"prune_heads takes {{layer: [heads]}}, got {type(heads_to_prune).__name__}")
         checked = {}
         for layer, heads in heads_to_prune.items():
-            if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not 0 <= layer < len(layers):
+            if isinstance(layer, str) and layer.isdigit() and layer.isascii():
+                layer = int(layer)  # JSON object keys (config.json, a JSON plan) are strings
+            if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+                raise TypeError(f"prune_heads: layer keys must be ints (or digit strings such as '0'), "
+                                f"got {layer!r} ({type(layer).__name__})")
+            if not 0 <= layer < len(layers):
                 raise ValueError(f"prune_heads: layer {layer!r} is out of range; the model has layers 0..{len(layers) - 1}")
             heads = [heads] if isinstance(heads, (int, np.integer)) else list(heads)
             total = layers[layer].total_heads

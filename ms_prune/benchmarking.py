@@ -37,7 +37,12 @@ def compare_latency(candidates, repeats=10, warmup=2):
 def heads_with_smallest_output_norm(model, keep_per_layer):
     """{layer: heads to prune}: in each layer, all but the ``keep_per_layer`` heads whose slice of
     the output projection has the largest Frobenius norm. A cheap, data-free criterion for demos
-    and speed measurements; LRP (ms_prune.heads) learns which heads to drop."""
+    and speed measurements; LRP (ms_prune.heads) learns which heads to drop. ``keep_per_layer``
+    may be 0 (every head pruned) up to the most heads a layer has."""
+    from ms_prune.validation import check_int
+    most = max(attention.num_heads for attention in model.attention_layers())
+    check_int("heads_with_smallest_output_norm", f"keep_per_layer (heads kept of the {most} per layer)",
+              keep_per_layer, 0, most)
     selection = {}
     for layer, attention in enumerate(model.attention_layers()):
         dense, layout = attention.output_projection()

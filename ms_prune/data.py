@@ -1,7 +1,10 @@
 """Readers for the evaluation data the samples, benchmarks and tests use.
 
-The data lives outside the repository, in ``../shared/data`` beside the checkout, or wherever
-``MS_PRUNE_DATA`` points; nothing is copied into the project.
+The data lives outside the repository. Where it is found, first match wins: the ``data_dir=``
+argument of a reader; ``$MS_PRUNE_DATA``; ``../shared/data`` beside the source checkout; and
+``../shared/data`` beside the working directory. A folder named by the argument or the
+variable must exist (an error names it; there is no silent fallback), and an installed ms_prune,
+which has no checkout around it, finds the data through either of them from any directory.
 """
 import csv
 import os
@@ -9,33 +12,50 @@ import os
 import numpy as np
 
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV_VAR = "MS_PRUNE_DATA"
+_CONTENTS = "sst2/, tinyshakespeare.txt and gpt2-bpe/"
 
 
-def data_dir():
-    """The shared data folder (``$MS_PRUNE_DATA``, else ``../shared/data`` beside the repo)."""
-    candidates = [os.environ.get("MS_PRUNE_DATA"),
-                  os.path.join(_REPO_ROOT, "..", "shared", "data"),
-                  os.path.join(os.getcwd(), "..", "shared", "data")]
-    for path in candidates:
-        if path and os.path.isdir(path):
+def _find_data_dir(explicit=None):
+    named = [("data_dir", explicit), (ENV_VAR, os.environ.get(ENV_VAR) or None)]
+    for source, path in named:
+        if path is not None:
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"{source}={path!r} is not a folder (resolved to {os.path.abspath(path)}); "
+                                        f"point it at the data folder holding {_CONTENTS}")
             return os.path.abspath(path)
-    raise FileNotFoundError("shared data folder not found: set MS_PRUNE_DATA to the folder holding "
-                            "sst2/, tinyshakespeare.txt and gpt2-bpe/ (looked in ../shared/data)")
+    candidates = [os.path.join(os.getcwd(), "..", "shared", "data")]
+    if os.path.isfile(os.path.join(_REPO_ROOT, "setup.py")):  # a source checkout, not site-packages
+        candidates.insert(0, os.path.join(_REPO_ROOT, "..", "shared", "data"))
+    for path in candidates:
+        if os.path.isdir(path):
+            return os.path.abspath(path)
+    raise FileNotFoundError(f"no data folder found: set {ENV_VAR}=/path/to/data (the folder holding {_CONTENTS}) "
+                            f"or pass data_dir=... to the reader; looked in "
+                            f"{[os.path.abspath(p) for p in candidates]}")
 
 
-def data_path(*parts):
-    path = os.path.join(data_dir(), *parts)
+def data_dir(path=None):
+    """The data folder: ``path``, else ``$MS_PRUNE_DATA``, else ``../shared/data`` beside the checkout
+    or the working directory (see the module docstring). FileNotFoundError names what is missing."""
+    return _find_data_dir(path)
+
+
+def data_path(*parts, data_dir=None):
+    """A file or folder inside the data folder (``data_dir`` as for :func:`data_dir`)."""
+    root = _find_data_dir(data_dir)
+    path = os.path.join(root, *parts)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist (data folder {data_dir()})")
+        raise FileNotFoundError(f"{path} does not exist (data folder {root})")
     return path
 
 
-def read_sst2(split):
+def read_sst2(split, data_dir=None):
     """SST-2 as (sentences, labels); split is 'train', 'dev' or 'test' (the GLUE dev set)."""
     if split not in ("train", "dev", "test"):
         raise ValueError(f"SST-2 split must be 'train', 'dev' or 'test', got {split!r}")
     sentences, labels = [], []
-    with open(data_path("sst2", f"{split}.tsv"), encoding="utf-8") as f:
+    with open(data_path("sst2", f"{split}.tsv", data_dir=data_dir), encoding="utf-8") as f:
         reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         next(reader)
         for row in reader:
@@ -44,19 +64,19 @@ def read_sst2(split):
     return sentences, np.asarray(labels, np.int32)
 
 
-def gpt2_tokenizer():
+def gpt2_tokenizer(data_dir=None):
     """The original GPT-2 byte-level BPE (``tokenizers`` library) from the shared files."""
     from tokenizers import ByteLevelBPETokenizer
-    return ByteLevelBPETokenizer.from_file(data_path("gpt2-bpe", "encoder.json"),
-                                           data_path("gpt2-bpe", "vocab.bpe"))
+    return ByteLevelBPETokenizer.from_file(data_path("gpt2-bpe", "encoder.json", data_dir=data_dir),
+                                           data_path("gpt2-bpe", "vocab.bpe", data_dir=data_dir))
 
 
-def shakespeare_tokens(val_fraction=0.1):
+def shakespeare_tokens(val_fraction=0.1, data_dir=None):
     """tiny Shakespeare as GPT-2 token ids: (train, val), the usual first-90%/last-10% split."""
-    with open(data_path("tinyshakespeare.txt"), encoding="utf-8") as f:
+    with open(data_path("tinyshakespeare.txt", data_dir=data_dir), encoding="utf-8") as f:
         text = f.read()
     split = int(len(text) * (1 - val_fraction))
-    tokenizer = gpt2_tokenizer()
+    tokenizer = gpt2_tokenizer(data_dir)
     encode = lambda t: np.asarray(tokenizer.encode(t).ids, np.int32)
     return encode(text[:split]), encode(text[split:])
 

@@ -1,5 +1,6 @@
 """Small pieces every sample, benchmark and algorithm test needs: context set-up, a compiled
 training step, result files."""
+import argparse
 import json
 import math
 import os
@@ -10,14 +11,33 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 
+DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
+
+
+def device_target_name(value):
+    """MindSpore's spelling of a device target given in any case ('cpu', 'gpu', 'ASCEND' ...)."""
+    for name in DEVICE_TARGETS:
+        if isinstance(value, str) and value.strip().lower() == name.lower():
+            return name
+    raise ValueError(f"device_target must be one of {list(DEVICE_TARGETS)} (any case), got {value!r}")
+
+
 def set_context(mode="graph", device_target="CPU", seed=None):
-    """``mode``: 'graph' (GRAPH_MODE, how users train) or 'pynative'."""
+    """``mode``: 'graph' (GRAPH_MODE, how users train) or 'pynative'; ``device_target`` in any case.
+    A backend this MindSpore installation cannot run is a RuntimeError saying so."""
     if mode not in ("graph", "pynative"):
         raise ValueError(f"mode must be 'graph' or 'pynative', got {mode!r}")
+    device_target = device_target_name(device_target)
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
     # set_device raises once kernels have run, even for the same target: set it only on change.
     if ms.get_context("device_target") != device_target:
-        ms.set_device(device_target)
+        try:
+            ms.set_device(device_target)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RuntimeError(f"device_target {device_target!r} is not available here (MindSpore: {first}); "
+                               f"install MindSpore's {device_target} package and drivers, or use "
+                               f"--device_target CPU") from None
     if seed is not None:
         ms.set_seed(seed)
 
@@ -114,31 +134,76 @@ def lm_perplexity(model, tokens, batch_size, seq_len, max_batches=None):
     return math.exp(float(np.mean(losses)))
 
 
-def sample_cli(script, doc, keys, quick_help, argv=None, extra_arguments=()):
-    """The command line every sample shares: ``--config`` (samples/configs/<name>.yaml beside the
-    script), ``--quick``, ``--device_target``, ``--json`` (results/<name>.json), plus
-    ``extra_arguments`` ((flag, kwargs) pairs). Returns (args, config); a config whose top-level
-    keys are not exactly ``keys`` is a ValueError naming them."""
-    import argparse
+# ranges for sample_cli's ``ranges``: counts, non-negative values, rates (> 0), fractions
+POSITIVE, NON_NEGATIVE, RATE, FRACTION, OPEN_FRACTION = (1, None), (0, None), (0, None, "open"), (0, 1), (0, 1, "open")
+
+
+def section_ranges(section, **ranges):
+    """{'section.key': range} for the keys of one config section."""
+    return {f"{section}.{key}": value for key, value in ranges.items()}
+
+
+def _device_argument(value):
+    try:
+        return device_target_name(value)
+    except ValueError as err:  # argparse prints only this exception's message
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The sample's docstring as written, and every option's default in its help."""
+
+
+def sample_cli(script, doc, keys, quick_help, argv=None, extra_arguments=(), ranges=None):
+    """The command line every sample shares: ``--config`` (default: samples/configs/<name>.yaml
+    beside the script), ``--quick``, ``--device_target`` (CPU, GPU or Ascend, any case),
+    ``--json`` (results/<name>.json), plus ``extra_arguments`` ((flag, kwargs) pairs). Prints where
+    the JSON goes. Returns (args, config).
+
+    The config is checked against the sample's default config file at every depth
+    (``validation.check_like``): an unknown or misspelled key names its dotted path and the
+    allowed keys, a value of the wrong type names both, '1e-4' strings become floats, and keys a
+    file leaves out take the default's values. ``keys`` (the default's top-level keys) guards
+    the sample against its own default file. ``ranges`` ({dotted path: (min, max[, 'open'])})
+    bounds counts and rates (``validation.check_ranges``); checks that need the model are the
+    sample's.
+    """
     import yaml
+    from ms_prune.validation import check_like, check_ranges
     name = os.path.splitext(os.path.basename(script))[0]
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(script)), "configs",
-                                                         name + ".yaml"))
+    default_path = os.path.join(os.path.dirname(os.path.abspath(script)), "configs", name + ".yaml")
+    parser = argparse.ArgumentParser(prog=os.path.basename(script), description=doc, formatter_class=_HelpFormatter)
+    parser.add_argument("--config", default=default_path,
+                        help="YAML settings, checked against the default file; keys it leaves out keep the default")
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--device_target", default="CPU", help="CPU, GPU or Ascend")
-    parser.add_argument("--json", default=os.path.join("results", name + ".json"))
+    parser.add_argument("--device_target", default="CPU", type=_device_argument,
+                        help=f"one of {', '.join(DEVICE_TARGETS)} (any case)")
+    parser.add_argument("--json", default=os.path.join("results", name + ".json"), help="where the results go")
     for flag, kwargs in extra_arguments:
         parser.add_argument(flag, **kwargs)
     args = parser.parse_args(argv)
-    with open(args.config, encoding="utf-8") as f:
-        config = yaml.safe_load(f)
-    if not isinstance(config, dict):
-        raise ValueError(f"{args.config}: expected a YAML mapping of settings, got {type(config).__name__}")
-    if set(config) != set(keys):
-        raise ValueError(f"{args.config}: keys must be {sorted(keys)}; got {sorted(config)} "
-                         f"(unknown: {sorted(set(config) - set(keys))}, missing: {sorted(set(keys) - set(config))})")
+    default = _read_yaml(yaml, default_path)
+    if set(default) != set(keys):
+        raise ValueError(f"{default_path}: the sample expects top-level keys {sorted(keys)}, the file has "
+                         f"{sorted(default)}")
+    config = check_like(args.config, _read_yaml(yaml, args.config), default)
+    check_ranges(args.config, config, ranges or {})
+    print(f"{name}: settings from {os.path.abspath(args.config)}; results go to {os.path.abspath(args.json)}",
+          flush=True)
     return args, config
+
+
+def _read_yaml(yaml, path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file {path} does not exist") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a YAML mapping of settings, got {type(config).__name__}")
+    return config
 
 
 def write_json(path, result):

@@ -1,9 +1,9 @@
 """LRP head pruning of a real pretrained BERT: all-MiniLM-L6-v2 (6 layers x 12 heads) on SST-2.
 
 1. fine-tune MiniLM + a new classifier on SST-2 train;
-2. per target: copy it with a Hard-Concrete gate on every head, train weights and gates (the
-   Lagrangian term brings the expected number of open heads to the target), prune the closed
-   heads for real, fine-tune briefly;
+2. per target: train a copy with the LRP algorithm (a Hard-Concrete gate on every head; the
+   Lagrangian term brings the expected number of open heads to the target), which prunes the
+   closed heads for real at the end, then fine-tune briefly;
 3. train a copy of the fine-tuned model, unpruned, for as many more steps as a pruned model got
    (gate steps + recovery steps): the fair baseline. A pruned model has trained longer than the
    first fine-tuned model, so comparing against that one alone would flatter pruning;
@@ -14,11 +14,15 @@
     python samples/lrp_bert_sst2.py --quick                 # CPU, GRAPH_MODE, < 15 minutes
     python samples/lrp_bert_sst2.py                          # the full schedule (hours on 2 CPU cores)
     python samples/lrp_bert_sst2.py --device_target GPU
+    python samples/lrp_bert_sst2.py --quick --resume        # continue an interrupted run
+
+Every training phase runs on ``ms_prune.engine.Trainer`` with checkpoints (``--resume``).
 
 Goal: at least half of the 72 heads removed with at most 1.0 point of accuracy lost, against the
 better of the two unpruned baselines.
 """
 import gc
+import logging
 import os
 import sys
 import tempfile
@@ -32,10 +36,21 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ms_prune.benchmarking import compare_latency  # noqa: E402
 from ms_prune.data import read_sst2  # noqa: E402
-from ms_prune.training import sample_cli, set_context, write_json  # noqa: E402
+from ms_prune.engine import Trainer  # noqa: E402
+from ms_prune.engine.recipes import build_algorithms  # noqa: E402
+from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, FRACTION, sample_cli,  # noqa: E402
+                               section_ranges, set_context, write_json)
 
 KEYS = {"max_len", "buckets", "batch_size", "eval_batch_size", "freeze_word_embeddings", "finetune", "gates",
         "targets", "recovery", "latency", "log_every", "seed"}
+SCHEDULE = dict(steps=POSITIVE, quick_steps=POSITIVE, lr=RATE)
+RANGES = {"max_len": (1, 512), "buckets": (1, 512), "batch_size": POSITIVE, "eval_batch_size": POSITIVE,
+          "targets": OPEN_FRACTION, "log_every": POSITIVE, "seed": NON_NEGATIVE,
+          **section_ranges("finetune", weight_decay=NON_NEGATIVE, **SCHEDULE),
+          **section_ranges("recovery", weight_decay=NON_NEGATIVE, **SCHEDULE),
+          **section_ranges("gates", warmup_fraction=FRACTION, **SCHEDULE),
+          **section_ranges("gates.algorithms.lrp", gate_lr=RATE, lagrangian_lr=RATE),
+          **section_ranges("latency", batch_size=POSITIVE, seq_len=(1, 512), repeats=POSITIVE, quick_repeats=POSITIVE)}
 
 
 def check_config(path, config):
@@ -60,17 +75,21 @@ def pad(rows, buckets):
     return ids, mask
 
 
-def train_batches(rows, labels, batch_size, buckets, rng):
-    """Endless random batches, each drawn from one length bucket (so most batches are short)."""
+def train_batch_fn(rows, labels, batch_size, buckets, seed):
+    """A function step -> random batch drawn from one length bucket (so most batches are short),
+    the same for a step every time (a resumed run sees what the uninterrupted run saw)."""
     lengths = np.array([len(r) for r in rows])
     pools = [np.flatnonzero((lengths <= b) & (lengths > lo)) for lo, b in zip([0] + buckets[:-1], buckets)]
     pools = [p for p in pools if len(p)]
     weights = np.array([len(p) for p in pools], np.float64) / len(rows)
-    while True:
+
+    def batch(step):
+        rng = np.random.default_rng((seed, step))
         pool = pools[rng.choice(len(pools), p=weights)]
         pick = pool[rng.integers(0, len(pool), batch_size)]
         ids, mask = pad([rows[i] for i in pick], buckets)
-        yield ids, mask, labels[pick]
+        return ids, mask, labels[pick]
+    return batch
 
 
 def accuracy(model, rows, labels, batch_size, buckets):
@@ -91,15 +110,6 @@ def cross_entropy(logits, labels):
     return ops.cross_entropy(logits, labels)
 
 
-class ClassificationLoss(nn.Cell):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def construct(self, ids, mask, labels):
-        return ops.cross_entropy(self.model(ids, mask), labels)
-
-
 def freeze(model, enabled):
     if enabled:
         for name, param in model.parameters_and_names():
@@ -107,22 +117,22 @@ def freeze(model, enabled):
                 param.requires_grad = False
 
 
-def fine_tune(model, batches, steps, lr, weight_decay, log_every, tag):
-    """Plain fine-tuning, one compiled TrainOneStepCell; lr warms up over the first 10% of the
-    steps, then decays linearly (without warm-up a short run can collapse to one class)."""
+def train(model, batches, first_step, steps, lr, weight_decay, log_every, checkpoints, resume, algorithms=()):
+    """One phase on the engine's Trainer, on the batches from ``first_step`` on; lr warms up over
+    the first 10% of the steps, then decays linearly (without warm-up a short run can collapse to
+    one class); checkpointed in ``checkpoints`` and resumed from there with ``resume``."""
     warmup = max(1, steps // 10)
     schedule = [lr * min((t + 1) / warmup, (steps - t) / max(1, steps - warmup)) for t in range(steps)]
-    optimizer = nn.AdamWeightDecay(model.trainable_params(), learning_rate=schedule, weight_decay=weight_decay)
-    step = nn.TrainOneStepCell(ClassificationLoss(model), optimizer)
-    step.set_train(True)
-    start, recent = time.time(), []
-    for t in range(steps):
-        recent.append(float(step(*[Tensor(b) for b in next(batches)]).asnumpy()))
-        if (t + 1) % log_every == 0 or t + 1 == steps:
-            print(f"  [{tag}] step {t + 1}/{steps} loss {np.mean(recent[-log_every:]):.4f} "
-                  f"({time.time() - start:.0f} s)", flush=True)
+
+    def adamw(params):
+        return nn.AdamWeightDecay(params, learning_rate=schedule, weight_decay=weight_decay)
+    trainer = Trainer(model, cross_entropy, lambda step: batches(first_step + step), max_steps=steps,
+                      algorithms=algorithms, optimizer=adamw, log_interval=log_every, checkpoint_dir=checkpoints,
+                      checkpoint_interval=log_every * 5,
+                      resume_from="latest" if resume and os.path.isfile(os.path.join(checkpoints, "latest")) else None)
+    trainer.fit()
     model.set_train(False)
-    del step, optimizer
+    del trainer
     release_graph_memory()
 
 
@@ -135,12 +145,15 @@ def release_graph_memory():
 
 def main(argv=None):
     args, config = sample_cli(__file__, __doc__, KEYS, "short schedules, first target only (< 15 min on CPU)", argv,
-                              [("--png", dict(default=None, help="figure path (default: the JSON path with .png)"))])
+                              [("--png", dict(default=None, help="figure path (None: the JSON path with .png)")),
+                               ("--resume", dict(action="store_true", help="continue from the last checkpoints"))],
+                              ranges=RANGES)
     check_config(args.config, config)
+    logging.basicConfig(level=logging.INFO, format="  %(message)s")
+    print(f"the figure goes to {os.path.abspath(args.png or os.path.splitext(args.json)[0] + '.png')}", flush=True)
     set_context("graph", args.device_target, seed=config["seed"])
 
     from tokenizers import Tokenizer
-    from ms_prune.heads import HeadPrunerBertLRP, train_gated
     from ms_prune.hub import minilm_dir
     from ms_prune.models.bert import BertForSequenceClassification
 
@@ -156,8 +169,9 @@ def main(argv=None):
     test_sentences, test_labels = read_sst2("test")
     train_rows, test_rows = encode(tokenizer, train_sentences), encode(tokenizer, test_sentences)
     print(f"SST-2: {len(train_rows)} train / {len(test_rows)} test sentences; MiniLM from {directory}", flush=True)
-    rng = np.random.default_rng(config["seed"])
-    batches = train_batches(train_rows, train_labels, config["batch_size"], buckets, rng)
+    batches = train_batch_fn(train_rows, train_labels, config["batch_size"], buckets, config["seed"])
+    work = os.path.join(os.path.dirname(os.path.abspath(args.json)), "lrp_bert_sst2_checkpoints")
+    phase = lambda name: os.path.join(work, name + ("_quick" if quick else ""))  # noqa: E731
     evaluate = lambda m: accuracy(m, test_rows, test_labels, config["eval_batch_size"], buckets)  # noqa: E731
 
     ms.set_seed(config["seed"])
@@ -165,11 +179,11 @@ def main(argv=None):
     freeze(model, config["freeze_word_embeddings"])
     ft = config["finetune"]
     print(f"fine-tuning MiniLM on SST-2 for {pick(ft)} steps of {config['batch_size']}", flush=True)
-    fine_tune(model, batches, pick(ft), ft["lr"], ft["weight_decay"], log_every, "fine-tune")
+    train(model, batches, 0, pick(ft), ft["lr"], ft["weight_decay"], log_every, phase("finetune"), args.resume)
     base_accuracy = evaluate(model)
     print(f"fine-tuned MiniLM: SST-2 accuracy {base_accuracy:.2f}% ({time.time() - t0:.0f} s)", flush=True)
-    work = tempfile.mkdtemp(prefix="lrp_bert_sst2_")
-    model.save_pretrained(work)
+    finetuned = tempfile.mkdtemp(prefix="lrp_bert_sst2_")
+    model.save_pretrained(finetuned)
 
     lat = config["latency"]
     lat_ids = Tensor(np.random.default_rng(1).integers(1000, 20000, (lat["batch_size"], lat["seq_len"])), ms.int32)
@@ -191,12 +205,13 @@ def main(argv=None):
 
     save_progress()
     # the fair baseline: no pruning, but as many more training steps as every pruned model gets
-    same_steps = BertForSequenceClassification.from_pretrained(work)
+    same_steps = BertForSequenceClassification.from_pretrained(finetuned)
     freeze(same_steps, config["freeze_word_embeddings"])
     extra_steps = pick(g) + pick(rec)
     print(f"fair baseline: the fine-tuned model, unpruned, trained {extra_steps} more steps "
           f"(= gate steps + recovery steps)", flush=True)
-    fine_tune(same_steps, batches, extra_steps, rec["lr"], rec["weight_decay"], log_every, "baseline")
+    train(same_steps, batches, pick(ft), extra_steps, rec["lr"], rec["weight_decay"], log_every, phase("baseline"),
+          args.resume)
     same_steps_accuracy = evaluate(same_steps)
     del same_steps
     release_graph_memory()
@@ -209,41 +224,37 @@ def main(argv=None):
 
     runs = result["runs"]
     for target in config["targets"][:1] if quick else config["targets"]:
-        candidate = BertForSequenceClassification.from_pretrained(work)
-        pruner = HeadPrunerBertLRP(candidate, target_fraction=target,
-                                   warmup_steps=int(g["warmup_fraction"] * pick(g)))
-        gated = pruner.decorate_model()
-        freeze(gated, config["freeze_word_embeddings"])
-        print(f"target {pruner.target_heads}/{pruner.total_heads} heads: training gates for {pick(g)} steps",
+        pruned = BertForSequenceClassification.from_pretrained(finetuned)
+        freeze(pruned, config["freeze_word_embeddings"])
+        algorithms = build_algorithms(g["algorithms"], path="gates.algorithms",
+                                      lrp={"target_fraction": target, "warmup_steps": int(g["warmup_fraction"] * pick(g))})
+        lrp = algorithms[0]
+        print(f"target {target:.2f} of the heads: {lrp}, training gates for {pick(g)} steps, pruning at the end",
               flush=True)
-        history = train_gated(pruner, gated, cross_entropy, batches, pick(g), g["lr"], g["gate_lr"],
-                              g["lagrangian_lr"], log_every=log_every,
-                              log=lambda line: print(line, flush=True))
-        release_graph_memory()
-        pruned = pruner.prune_model(gated)
-        del gated
-        # the gated model computes exactly this in evaluation (tests/test_lrp.py), so it is not
+        train(pruned, batches, pick(ft), pick(g), g["lr"], rec["weight_decay"], log_every, phase(f"gates_{target}"), args.resume,
+              algorithms)
+        # the gated model computes exactly this in evaluation (tests/algorithms), so it is not
         # evaluated separately
         pruned_accuracy = evaluate(pruned)
         print(f"  pruned (= gated model in evaluation, before recovery) {pruned_accuracy:.2f}%, "
               f"heads per layer {pruned.heads_per_layer()}", flush=True)
-        freeze(pruned, config["freeze_word_embeddings"])
-        fine_tune(pruned, batches, pick(rec), rec["lr"], rec["weight_decay"], log_every, "recovery")
+        train(pruned, batches, pick(ft) + pick(g), pick(rec), rec["lr"], rec["weight_decay"], log_every,
+              phase(f"recovery_{target}"), args.resume)
         final_accuracy = evaluate(pruned)
         times = compare_latency({"fine-tuned": lambda: model(lat_ids, lat_mask),
                                  "pruned": lambda: pruned(lat_ids, lat_mask)},
                                 repeats=lat["quick_repeats"] if quick else lat["repeats"])
-        run = {"target_fraction": target, "target_heads": pruner.target_heads, "heads": sum(pruned.heads_per_layer()),
+        run = {"target_fraction": target, "target_heads": lrp.target, "heads": sum(pruned.heads_per_layer()),
                "heads_per_layer": pruned.heads_per_layer(), "pruned_heads": pruned.config.pruned_heads,
                "accuracy_pruned": pruned_accuracy,
                "accuracy_after_recovery": final_accuracy, "accuracy_drop": reference - final_accuracy,
                "accuracy_drop_vs_first_baseline": base_accuracy - final_accuracy,
                "parameters": pruned.num_parameters(), "flops": pruned.forward_flops(lat["seq_len"]),
                "latency_s": times["pruned"], "latency_base_s": times["fine-tuned"],
-               "speedup": times["fine-tuned"] / times["pruned"], "gate_history": history,
-               "lagrangian_lambda_2": float(pruner.objective.lambda_2.asnumpy())}
+               "speedup": times["fine-tuned"] / times["pruned"],
+               "lagrangian_lambda_2": float(lrp.objective.lambda_2.asnumpy())}
         runs.append(run)
-        del pruner, candidate
+        del lrp, algorithms, pruned
         release_graph_memory()
         print(f"  kept {run['heads']}/72 heads: accuracy {reference:.2f}% (best baseline) -> {final_accuracy:.2f}% "
               f"({-run['accuracy_drop']:+.2f} points); parameters {base_info['parameters']:,} -> "

@@ -30,10 +30,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from ms_prune.data import compact_vocabulary, lm_batch_fn, shakespeare_tokens  # noqa: E402
 from ms_prune.engine import Trainer  # noqa: E402
 from ms_prune.engine.recipes import build_algorithms  # noqa: E402
-from ms_prune.training import lm_perplexity, sample_cli, set_context, write_json  # noqa: E402
+from ms_prune.training import (FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, lm_perplexity,  # noqa: E402
+                               sample_cli, section_ranges, set_context, write_json)
 
 KEYS = {"model", "seq_len", "batch_size", "train", "gates", "recovery", "eval_batches",
         "eval_batches_quick", "log_every", "seed"}
+SCHEDULE = dict(steps=POSITIVE, quick_steps=POSITIVE, lr=RATE)
+RANGES = {"seq_len": POSITIVE, "batch_size": POSITIVE, "eval_batches": POSITIVE,
+          "eval_batches_quick": POSITIVE, "log_every": POSITIVE, "seed": NON_NEGATIVE,
+          **section_ranges("model", n_layer=POSITIVE, n_embd=POSITIVE, n_head=POSITIVE, dropout=(0, 1)),
+          **section_ranges("train", weight_decay=NON_NEGATIVE, **SCHEDULE),
+          **section_ranges("recovery", weight_decay=NON_NEGATIVE, **SCHEDULE),
+          **section_ranges("gates", warmup_fraction=FRACTION, **SCHEDULE),
+          **section_ranges("gates.algorithms.lrp", target_fraction=OPEN_FRACTION, gate_lr=RATE, lagrangian_lr=RATE)}
 
 
 def lm_cross_entropy(logits, labels):
@@ -53,7 +62,7 @@ def train(model, batches, first_step, steps, lr, weight_decay, log_every, checkp
 
 
 def main(argv=None):
-    args, config = sample_cli(__file__, __doc__, KEYS, "short schedules (< 15 minutes on CPU)", argv,
+    args, config = sample_cli(__file__, __doc__, KEYS, "short schedules (< 15 minutes on CPU)", argv, ranges=RANGES,
                               extra_arguments=[("--resume", dict(action="store_true",
                                                                  help="continue from the last checkpoints"))])
     logging.basicConfig(level=logging.INFO, format="  %(message)s")

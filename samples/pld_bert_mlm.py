@@ -26,11 +26,20 @@ from ms_prune.data import data_path  # noqa: E402
 from ms_prune.layer_drop import ProgressiveLayerDrop, convert_to_pld  # noqa: E402
 from ms_prune.models.bert import BertConfig, BertModel, activation  # noqa: E402
 from ms_prune.models.modeling_utils import LayerNorm, Linear  # noqa: E402
-from ms_prune.training import make_train_step, sample_cli, set_context, write_json  # noqa: E402
+from ms_prune.training import (FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, make_train_step,  # noqa: E402
+                               sample_cli, section_ranges, set_context, write_json)
 
 KEYS = {"model", "vocab_size", "seq_len", "batch_size", "mask_fraction", "steps", "quick_steps", "warmup_fraction",
         "weight_decay", "baseline", "pld", "eval_every", "eval_batches", "eval_batches_quick", "seed", "output_dir"}
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+RANGES = {"vocab_size": (len(SPECIAL) + 1, None), "seq_len": POSITIVE,
+          "batch_size": POSITIVE, "mask_fraction": OPEN_FRACTION, "steps": POSITIVE, "quick_steps": POSITIVE,
+          "warmup_fraction": FRACTION, "weight_decay": NON_NEGATIVE, "eval_every": POSITIVE,
+          "eval_batches": POSITIVE, "eval_batches_quick": POSITIVE, "seed": NON_NEGATIVE,
+          **section_ranges("model", num_hidden_layers=POSITIVE, hidden_size=POSITIVE, num_attention_heads=POSITIVE,
+                           intermediate_size=POSITIVE, dropout=(0, 1)),
+          **section_ranges("baseline", learning_rate=RATE),
+          **section_ranges("pld", learning_rate=RATE, theta=OPEN_FRACTION, gamma_times_steps=NON_NEGATIVE)}
 
 
 class BertMLM(nn.Cell):
@@ -166,7 +175,9 @@ def plot(runs, path):
 
 
 def main(argv=None):
-    args, config = sample_cli(__file__, __doc__, KEYS, "quick_steps steps per run (under 15 minutes on CPU)", argv)
+    args, config = sample_cli(__file__, __doc__, KEYS, "quick_steps steps per run (under 15 minutes on CPU)", argv,
+                              ranges=RANGES)
+    print(f"the loss figure goes to {os.path.abspath(config['output_dir'])}", flush=True)
     set_context("graph", args.device_target, seed=config["seed"])
     steps = config["quick_steps"] if args.quick else config["steps"]
     eval_count = config["eval_batches_quick"] if args.quick else config["eval_batches"]

@@ -2,23 +2,26 @@
 what changes: parameters, FLOPs, GRAPH_MODE latency, and sentence similarity.
 
     python samples/prune_minilm.py                  # CPU, GRAPH_MODE
+    python samples/prune_minilm.py --quick          # a smaller latency batch, fewer repeats
     python samples/prune_minilm.py --device_target GPU
 
 The heads are chosen by a cheap data-free criterion (output-projection norm) to show the
 mechanics; `samples/lrp_bert_sst2.py` learns which heads a task can lose.
 """
-import argparse
 import os
 import sys
 
 import numpy as np
-import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ms_prune.benchmarking import compare_latency, heads_with_smallest_output_norm, random_batch  # noqa: E402
 from ms_prune.hub import minilm_dir  # noqa: E402
-from ms_prune.training import set_context, write_json  # noqa: E402
+from ms_prune.training import NON_NEGATIVE, POSITIVE, sample_cli, section_ranges, set_context, write_json  # noqa: E402
+
+KEYS = {"keep_heads_per_layer", "batch_size", "seq_len", "repeats", "quick", "output_dir"}
+RANGES = {"keep_heads_per_layer": NON_NEGATIVE, "batch_size": POSITIVE, "seq_len": POSITIVE, "repeats": POSITIVE,
+          **section_ranges("quick", batch_size=POSITIVE, repeats=POSITIVE)}
 
 PAIRS = [("A man is eating food.", "A man is eating a piece of bread."),
          ("A man is eating food.", "The girl is carrying a baby."),
@@ -42,17 +45,11 @@ def cosine_similarities(model, tokenizer, pairs):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "configs", "prune_minilm.yaml"))
-    parser.add_argument("--device_target", default="CPU")
-    parser.add_argument("--json", default="results/prune_minilm.json")
-    args = parser.parse_args(argv)
-    with open(args.config, encoding="utf-8") as f:
-        config = yaml.safe_load(f)
-    expected = {"keep_heads_per_layer", "batch_size", "seq_len", "repeats", "output_dir"}
-    if set(config) != expected:
-        raise ValueError(f"{args.config}: keys must be {sorted(expected)}; got {sorted(config)}")
-
+    args, config = sample_cli(__file__, __doc__, KEYS, "latency with quick.batch_size and quick.repeats", argv,
+                              ranges=RANGES)
+    if args.quick:
+        config = {**config, **config["quick"]}
+    print(f"the pruned model is saved to {os.path.abspath(config['output_dir'])}", flush=True)
     set_context("graph", args.device_target)
     from tokenizers import Tokenizer
     from ms_prune.models.bert import BertModel
@@ -62,6 +59,11 @@ def main(argv=None):
     tokenizer = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
     dense = BertModel.from_pretrained(directory)
     pruned = BertModel.from_pretrained(directory)
+    from ms_prune.validation import check_int
+    check_int(args.config, f"seq_len (at most the model's {dense.config.max_position_embeddings} positions)",
+              config["seq_len"], 1, dense.config.max_position_embeddings)
+    check_int(args.config, f"keep_heads_per_layer (of the model's {dense.config.num_attention_heads} heads per layer)",
+              config["keep_heads_per_layer"], 0, dense.config.num_attention_heads)
     heads = heads_with_smallest_output_norm(pruned, config["keep_heads_per_layer"])
     print(f"pruning {sum(map(len, heads.values()))} of {sum(dense.heads_per_layer())} heads: {heads}")
     pruned.prune_heads(heads)
@@ -87,7 +89,7 @@ def main(argv=None):
         "forward_gflops": {"unpruned": dense.forward_flops(seq, batch) / 1e9,
                            "pruned": pruned.forward_flops(seq, batch) / 1e9},
         "latency_ms": {k: 1e3 * v for k, v in latency.items()},
-        "similarity": similarity, "pairs": PAIRS, "saved_to": config["output_dir"],
+        "similarity": similarity, "pairs": PAIRS, "saved_to": config["output_dir"], "quick": args.quick,
     }
     print(f"\n{'':28}{'unpruned':>12}{'pruned':>12}")
     print(f"{'heads':28}{sum(dense.heads_per_layer()):>12}{sum(pruned.heads_per_layer()):>12}")

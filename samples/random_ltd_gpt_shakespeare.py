@@ -20,11 +20,19 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ms_prune.data import compact_vocabulary, lm_batches, shakespeare_tokens  # noqa: E402
-from ms_prune.training import LMLoss, lm_perplexity, make_train_step, sample_cli, set_context, write_json  # noqa: E402
+from ms_prune.training import (LMLoss, lm_perplexity, make_train_step, sample_cli, set_context,  # noqa: E402
+                               write_json, FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, section_ranges)
 
 KEYS = {"model", "seq_len", "batch_size", "steps", "quick_steps", "learning_rate", "min_learning_rate",
         "warmup_fraction", "weight_decay", "random_ltd", "eval_batches", "eval_batches_quick", "log_every", "seed"}
-LTD_KEYS = {"min_value", "max_value", "seq_per_step", "require_fraction", "layer_ids"}
+RANGES = {"seq_len": POSITIVE, "batch_size": POSITIVE, "steps": POSITIVE, "quick_steps": POSITIVE,
+          "learning_rate": RATE, "min_learning_rate": NON_NEGATIVE, "warmup_fraction": FRACTION,
+          "weight_decay": NON_NEGATIVE, "eval_batches": POSITIVE, "eval_batches_quick": POSITIVE,
+          "log_every": POSITIVE, "seed": NON_NEGATIVE,
+          **section_ranges("model", n_layer=POSITIVE, n_embd=POSITIVE, n_head=POSITIVE, dropout=(0, 1)),
+          # layer_ids (default null: the middle layers) are checked against the model by convert_to_random_ltd
+          **section_ranges("random_ltd", min_value=POSITIVE, max_value=POSITIVE, seq_per_step=POSITIVE,
+                           require_fraction=OPEN_FRACTION, layer_ids=NON_NEGATIVE)}
 
 
 def train(name, config, steps, train_ids, val_ids, vocab_size, eval_batches):
@@ -85,10 +93,8 @@ def train(name, config, steps, train_ids, val_ids, vocab_size, eval_batches):
 
 
 def main(argv=None):
-    args, config = sample_cli(__file__, __doc__, KEYS, "quick_steps steps per run (under 15 minutes on CPU)", argv)
-    if set(config["random_ltd"]) != LTD_KEYS:
-        raise ValueError(f"{args.config}: random_ltd keys must be {sorted(LTD_KEYS)}; "
-                         f"got {sorted(config['random_ltd'] or {})}")
+    args, config = sample_cli(__file__, __doc__, KEYS, "quick_steps steps per run (under 15 minutes on CPU)", argv,
+                              ranges=RANGES)
     if config["random_ltd"]["max_value"] != config["seq_len"]:
         raise ValueError("random_ltd.max_value must equal seq_len (all tokens kept at the end of the schedule)")
 

@@ -115,11 +115,25 @@ def test_pruned_model_saves_and_reloads(tmp_path, mode, make, cls):
     ({-1: [0]}, "layer -1 is out of range"),
     ({0: [4]}, r"head\(s\) \[4\] are out of range"),
     ({0: [-1]}, r"head\(s\) \[-1\] are out of range"),
-    ({"0": [1]}, "layer '0' is out of range"),
+    ({"3": [1]}, "layer 3 is out of range"),
 ])
 def test_bad_head_indices_are_named(heads, message):
     with pytest.raises(ValueError, match=message):
         bert().prune_heads(heads)
+
+
+@pytest.mark.parametrize("layer", ["x", "-1", 1.0, None, True])
+def test_non_int_layer_keys_are_refused_by_name(layer):
+    with pytest.raises(TypeError, match=rf"layer keys must be ints \(or digit strings such as '0'\), got {layer!r}"):
+        bert().prune_heads({layer: [0]})
+
+
+def test_digit_string_layer_keys_from_json_are_layers():
+    """A plan read back from JSON has string keys: {"0": [1]} means layer 0."""
+    ids, mask = inputs()
+    from_json = bert().prune_heads(json.loads(json.dumps({0: [1, 2], 2: [3]})))
+    assert from_json.config.pruned_heads == {0: [1, 2], 2: [3]}
+    np.testing.assert_array_equal(run(from_json, ids, mask), run(bert().prune_heads({0: [1, 2], 2: [3]}), ids, mask))
 
 
 def test_bad_head_index_changes_nothing():

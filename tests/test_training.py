@@ -47,13 +47,16 @@ def test_lm_perplexity_matches_numpy_and_restores_mode(mode):
 
 
 def test_sample_cli_names_bad_config_keys(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "x.yaml").write_text("steps: 2\nseed: 0\n")  # the sample's default config
+    script = str(tmp_path / "x.py")
     config = tmp_path / "c.yaml"
     config.write_text("steps: 3\nstepz: 4\n")
-    with pytest.raises(ValueError, match=r"unknown: \['stepz'\], missing: \['seed'\]"):
-        sample_cli("samples/x.py", "doc", {"steps", "seed"}, "quick", ["--config", str(config)])
-    config.write_text("steps: 3\nseed: 1\n")
-    args, values = sample_cli("samples/x.py", "doc", {"steps", "seed"}, "quick", ["--config", str(config), "--quick"])
-    assert args.quick and args.json == "results/x.json" and values == {"steps": 3, "seed": 1}
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['stepz'\]; allowed at the top level: \['seed', 'steps'\]"):
+        sample_cli(script, "doc", {"steps", "seed"}, "quick", ["--config", str(config)])
+    config.write_text("steps: 3\n")
+    args, values = sample_cli(script, "doc", {"steps", "seed"}, "quick", ["--config", str(config), "--quick"])
+    assert args.quick and args.json == "results/x.json" and values == {"steps": 3, "seed": 0}
 
 
 @pytest.mark.parametrize("pre_layer_norm", [False, True], ids=["post-LN", "pre-LN"])

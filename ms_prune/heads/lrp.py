@@ -225,13 +225,34 @@ class AbstractHeadPrunerLRP:
         self._copy_tensors(source, dict(gated.parameters_and_names()), mapping, skip=gate_names,
                            what="decorate_model (original -> gated copy)")
         gated.set_train(self.model.training)
+        # which heads the original had when this copy was made: prune_model refuses a copy made
+        # before an earlier prune_model shrank the original
+        gated._lrp_source_heads = self._kept_heads()
         return gated
+
+    def _kept_heads(self):
+        return [list(a.kept_heads) for a in self.attention_layers(self.backbone)]
 
     def prune_model(self, gated_model):
         """Copy the trained weights back into the original model, fold the open gates into the
         output projections, remove the closed heads and return the original model. The gated
         model's gates are snapped to the decision (dropped heads closed), so both compute the
-        same in evaluation."""
+        same in evaluation.
+
+        Once per gated copy: the original is pruned in place, so calling it again (or with a copy
+        made before the original was pruned) is a ValueError; prune further by calling
+        ``decorate_model`` again on the pruned model's pruner."""
+        source_heads = getattr(gated_model, "_lrp_source_heads", None)
+        # a second fold would scale the kept heads by their gate values twice, even when no head
+        # was removed the first time
+        if getattr(gated_model, "_lrp_pruned", False) or (source_heads is not None
+                                                          and source_heads != self._kept_heads()):
+            raise ValueError(
+                f"{type(self).__name__}.prune_model: the model was already pruned (heads "
+                f"{getattr(self, 'pruned_heads', None)} removed; heads per layer now "
+                f"{[len(h) for h in self._kept_heads()]}) after this gated copy was made with "
+                f"{[len(h) for h in source_heads]}. prune_model runs once per decorate_model(); for "
+                f"another round call decorate_model() again and train the new copy")
         decision = self.decide(gated_model)
         gated_attn = self.attention_layers(gated_model)
         for layer, (keep, _) in enumerate(decision):
@@ -265,6 +286,7 @@ class AbstractHeadPrunerLRP:
                 to_prune[layer] = dropped
         self.model.prune_heads(to_prune)
         self.pruned_heads = to_prune
+        gated_model._lrp_pruned = True
         return self.model
 
     # ---- decisions and reports -----------------------------------------------------------------

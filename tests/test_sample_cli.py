@@ -1,0 +1,184 @@
+"""Samples' command lines and configs (sample_cli), and where the data is found: every mistake
+is an error that names the setting, what was expected and what came."""
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+import ms_prune
+from ms_prune import data
+from ms_prune.training import device_target_name, sample_cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLES = ["lrp_bert_sst2", "lrp_gpt_shakespeare", "pld_bert_mlm", "prune_minilm", "random_ltd_gpt_shakespeare"]
+
+
+def load_sample(name):
+    spec = importlib.util.spec_from_file_location(f"sample_{name}", os.path.join(ROOT, "samples", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def default_config(name):
+    with open(os.path.join(ROOT, "samples", "configs", name + ".yaml")) as f:
+        return yaml.safe_load(f)
+
+
+def cli(module, argv):
+    return sample_cli(module.__file__, module.__doc__, module.KEYS, "quick", argv, ranges=module.RANGES)
+
+
+def write(tmp_path, config):
+    path = tmp_path / "config.yaml"
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return str(path)
+
+
+# ---- item 6: command lines ------------------------------------------------------------------
+@pytest.mark.parametrize("name", SAMPLES)
+def test_every_sample_has_quick_help_with_defaults_and_says_where_outputs_go(name, capsys):
+    module = load_sample(name)
+    with pytest.raises(SystemExit):
+        cli(module, ["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--config", "--quick", "--device_target", "--json"):
+        assert flag in text
+    assert text.count("(default:") >= 4, text
+    args, config = cli(module, ["--quick", "--device_target", "cpu"])
+    assert args.quick and args.device_target == "CPU" and config == default_config(name)
+    assert f"results go to {os.path.abspath(args.json)}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("given,name", [("cpu", "CPU"), ("Cpu", "CPU"), ("gpu", "GPU"), ("ASCEND", "Ascend"),
+                                        (" ascend ", "Ascend")])
+def test_device_target_in_any_case(given, name):
+    assert device_target_name(given) == name
+
+
+def test_unknown_device_target_is_named(capsys):
+    with pytest.raises(SystemExit):
+        cli(load_sample("prune_minilm"), ["--device_target", "tpu"])
+    assert "device_target must be one of ['CPU', 'GPU', 'Ascend'] (any case), got 'tpu'" in capsys.readouterr().err
+
+
+def test_unavailable_backend_says_so():
+    # a subprocess: a failed set_device must not change this process's context
+    code = "from ms_prune.training import set_context\nset_context('graph', 'gpu')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    if proc.returncode == 0:
+        pytest.skip("this MindSpore can run on GPU")
+    assert "RuntimeError: device_target 'GPU' is not available here" in proc.stderr
+    assert "--device_target CPU" in proc.stderr
+
+
+# ---- item 4: configs checked at every depth -------------------------------------------------
+def test_unknown_and_misspelled_nested_keys_name_their_path(tmp_path):
+    module = load_sample("lrp_bert_sst2")
+    config = default_config("lrp_bert_sst2")
+    config["finetune"]["lrr"] = config["finetune"].pop("lr")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['finetune.lrr'\]; allowed at finetune: "
+                                         r"\['lr', 'quick_steps', 'steps', 'weight_decay'\].*did you mean 'finetune.lr'"):
+        cli(module, ["--config", write(tmp_path, config)])
+    config = default_config("lrp_bert_sst2")
+    config["gates"]["extra"] = 1
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['gates.extra'\]"):
+        cli(module, ["--config", write(tmp_path, config)])
+
+
+def test_yaml_1e_4_is_a_float_and_left_out_keys_take_the_default(tmp_path):
+    module = load_sample("lrp_gpt_shakespeare")
+    args, config = cli(module, ["--config", write(tmp_path, "train: {lr: 1e-4}\nseed: 3\n")])
+    assert config["train"]["lr"] == 1e-4 and isinstance(config["train"]["lr"], float)
+    assert config["seed"] == 3 and config["train"]["steps"] == default_config("lrp_gpt_shakespeare")["train"]["steps"]
+    assert config["gates"] == default_config("lrp_gpt_shakespeare")["gates"]
+
+
+@pytest.mark.parametrize("text,error,message", [
+    ("train: {lr: fast}\n", TypeError, r"train.lr must be a number, got 'fast' \(str\)"),
+    ("batch_size: '16'\n", TypeError, r"batch_size must be an int, got '16' \(str\)"),
+    ("batch_size: 16.5\n", TypeError, r"batch_size must be an int, got 16.5 \(float\)"),
+    ("train: 5\n", TypeError, r"train must be a mapping, got int"),
+    ("model: {n_head: -2}\n", ValueError, r"model.n_head must be an int in \[1, inf\], got -2"),
+    ("target_fraction: 1.5\n", ValueError, r"target_fraction must be in \(0, 1\], got 1.5"),
+    ("train: {lr: 0}\n", ValueError, r"train.lr must be in \(0, inf\], got 0.0"),
+    ("- 1\n- 2\n", ValueError, r"expected a YAML mapping of settings, got list"),
+])
+def test_wrong_types_and_ranges_are_named(tmp_path, text, error, message):
+    path = write(tmp_path, text)
+    with pytest.raises(error, match=rf"{path}: {message}" if "mapping of" not in message else message):
+        cli(load_sample("lrp_gpt_shakespeare"), ["--config", path])
+
+
+def test_list_items_are_checked(tmp_path):
+    with pytest.raises(TypeError, match=r"targets\[1\] must be a number, got 'half'"):
+        cli(load_sample("lrp_bert_sst2"), ["--config", write(tmp_path, "targets: [0.5, half]\n")])
+    with pytest.raises(ValueError, match=r"random_ltd.layer_ids\[0\] must be an int in \[0, inf\], got -1"):
+        cli(load_sample("random_ltd_gpt_shakespeare"), ["--config", write(tmp_path, "random_ltd: {layer_ids: [-1]}\n")])
+
+
+@pytest.mark.parametrize("keep,error,message", [
+    (-1, ValueError, r"keep_heads_per_layer must be an int in \[0, inf\], got -1"),
+    (13, ValueError, r"keep_per_layer \(heads kept of the 12 per layer\) must be an int in \[0, 12\], got 13"),
+    (6.0, TypeError, r"keep_heads_per_layer must be an int, got 6.0"),
+])
+def test_keep_heads_per_layer_is_checked_against_the_model(tmp_path, keep, error, message):
+    from ms_prune.benchmarking import heads_with_smallest_output_norm
+    from ms_prune.models.bert import BertConfig, BertModel
+    with pytest.raises(error, match=message):
+        _, config = cli(load_sample("prune_minilm"), ["--config", write(tmp_path, {"keep_heads_per_layer": keep})])
+        model = BertModel(BertConfig(vocab_size=20, hidden_size=24, num_hidden_layers=1, num_attention_heads=12,
+                                     intermediate_size=8))
+        heads_with_smallest_output_norm(model, config["keep_heads_per_layer"])
+
+
+def test_prune_minilm_quick_uses_the_quick_section(tmp_path):
+    args, config = cli(load_sample("prune_minilm"), ["--quick"])
+    assert args.quick and config["quick"] == {"batch_size": 8, "repeats": 3}
+
+
+# ---- item 5: data ---------------------------------------------------------------------------
+def test_missing_ms_prune_data_is_an_error_naming_it(monkeypatch, tmp_path):
+    missing = str(tmp_path / "nowhere")
+    monkeypatch.setenv("MS_PRUNE_DATA", missing)
+    with pytest.raises(FileNotFoundError, match=rf"MS_PRUNE_DATA='{missing}' is not a folder"):
+        data.read_sst2("dev")
+    with pytest.raises(FileNotFoundError, match=rf"data_dir='{missing}' is not a folder"):
+        data.read_sst2("dev", data_dir=missing)
+
+
+def test_data_found_from_any_directory_by_argument_or_variable(monkeypatch, tmp_path):
+    shared = data.data_dir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(data, "_REPO_ROOT", str(tmp_path))  # as installed: no checkout around the package
+    monkeypatch.delenv("MS_PRUNE_DATA", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"no data folder found: set MS_PRUNE_DATA=/path/to/data .* "
+                                                r"or pass data_dir=\.\.\. to the reader"):
+        data.read_sst2("dev")
+    sentences, labels = data.read_sst2("dev", data_dir=shared)
+    assert len(sentences) == len(labels) > 0
+    monkeypatch.setenv("MS_PRUNE_DATA", shared)
+    assert data.read_sst2("dev")[0] == sentences
+
+
+def test_an_installed_copy_finds_data_through_ms_prune_data(tmp_path):
+    shared = data.data_dir()
+    site, elsewhere = tmp_path / "site-packages", tmp_path / "work"
+    shutil.copytree(os.path.dirname(ms_prune.__file__), site / "ms_prune",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    elsewhere.mkdir()
+    code = "from ms_prune.data import read_sst2; print(len(read_sst2('dev')[0]))"
+    env = {k: v for k, v in os.environ.items() if k != "MS_PRUNE_DATA"}
+    env["PYTHONPATH"] = str(site)
+    found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere,
+                           env={**env, "MS_PRUNE_DATA": shared})
+    assert found.returncode == 0, found.stderr
+    assert int(found.stdout.strip()) == len(data.read_sst2("dev")[0])
+    lost = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere, env=env)
+    assert lost.returncode != 0 and "set MS_PRUNE_DATA=" in lost.stderr
