@@ -460,3 +460,40 @@ def test_algorithm_is_refused_by_model_train_and_checks_arguments():
         RandomLTD(2, 8, 4, lr_schedule=0.1)
     with pytest.raises(TypeError, match="RandomLTD: share_draw"):
         RandomLTD(2, 8, 4, share_draw="yes")
+
+
+class DenseBlock(nn.Cell):
+    """A layer of a model that is not ours: one tensor out, no penalty."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Dense(8, 8)
+
+    def construct(self, hidden, bias):
+        return hidden + ops.tanh(self.dense(hidden))
+
+
+class TinyLM(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(40, 8)
+        self.blocks = nn.CellList([DenseBlock() for _ in range(3)])
+        self.head = nn.Dense(8, 40)
+
+    def construct(self, ids):
+        hidden = self.embed(ids)
+        for block in self.blocks:
+            hidden = block(hidden, None)
+        return self.head(hidden)
+
+
+def test_algorithm_trains_a_model_that_is_not_ours(mode):
+    """The layers are found by class name (no transformer_layers()); the Trainer trains it."""
+    ms.set_seed(0)
+    model = TinyLM()
+    algorithm = RandomLTD(min_value=2, max_value=S, require_steps=4, seq_per_step=2, layer_class="DenseBlock")
+    trainer = Trainer(model, lm_cross_entropy, lm_batch, 4, algorithms=[algorithm], lr=1e-2, log_interval=0)
+    losses = [record["loss"] for record in trainer.fit()]
+    assert len(algorithm.wrappers) == 1 and isinstance(model.blocks[1], RandomLayerTokenDrop)
+    assert np.all(np.isfinite(losses)) and len(set(losses)) == len(losses)
+    assert trainer.compilations == len(algorithm.scheduler.distinct_lengths(4)) == 3  # kept 2, 2, 4, 6
