@@ -460,6 +460,10 @@ def test_algorithm_is_refused_by_model_train_and_checks_arguments():
         RandomLTD(2, 8, 4, lr_schedule=0.1)
     with pytest.raises(TypeError, match="RandomLTD: share_draw"):
         RandomLTD(2, 8, 4, share_draw="yes")
+    with pytest.raises(ValueError, match=r"RandomLTD: layer_ids\[1\] must be an int in \[0, inf\], got -1"):
+        RandomLTD(2, 8, 4, layer_ids=[1, -1])
+    with pytest.raises(TypeError, match="RandomLTD: layer_ids must be None, an int or a list"):
+        RandomLTD(2, 8, 4, layer_ids=1.5)
 
 
 class DenseBlock(nn.Cell):

@@ -436,6 +436,13 @@ class RandomLTD(Algorithm):
         owner = self.name
         check_schedule(owner, min_value, max_value, require_steps, seq_per_step)
         check_instance(owner, "layer_class", layer_class, (type, str), allow_none=True)
+        if layer_ids is not None:  # their upper bound needs the model: checked again at conversion
+            ids = [layer_ids] if isinstance(layer_ids, numbers.Integral) else layer_ids
+            if not isinstance(ids, (list, tuple, range)):
+                raise TypeError(f"{owner}: layer_ids must be None, an int or a list of ints, "
+                                f"got {layer_ids!r} ({type(layer_ids).__name__})")
+            for i, layer_id in enumerate(ids):
+                check_int(owner, f"layer_ids[{i}]", layer_id, minimum=0)
         if lr_schedule is not None and not callable(lr_schedule):
             raise TypeError(f"{owner}: lr_schedule must be None or a function consumed_layer_tokens -> lr "
                             f"(e.g. LayerTokenLR), got {type(lr_schedule).__name__}")
