@@ -420,22 +420,36 @@ def test_algorithm_under_trainer_trains_and_resumes_exactly(mode, tmp_path):
     assert [record["loss"] for record in resumed.fit()] == losses[3:]
 
 
-def test_algorithm_under_model_train_callback(mode):
-    """In mindspore's Model.train (one compiled graph for the run), AlgorithmCallback writes theta
-    and the keep draws before every step."""
+def train_with_model_train(seed, steps=4):
+    """Model.train (non-sink) of a 2-layer pre-LN BERT with PLD through AlgorithmCallback(seed)."""
     import mindspore.dataset as ds
-    from mindspore.train import Model
+    from mindspore.train import Callback, Model
     ms.set_seed(0)
     model = BertForSequenceClassification(BertConfig(**{**BERT, "num_hidden_layers": 2}))
     algorithm = ProgressiveLayerDropping(theta=0.3, gamma=0.5)
-    callback = AlgorithmCallback(model, [algorithm], seed=1)
+    callback = AlgorithmCallback(model, [algorithm], seed=seed)
     assert len(pld_layers(model)) == 2
-    data = ds.GeneratorDataset([classification_batch(t) for t in range(4)], ["ids", "labels"], shuffle=False)
+    losses = []
+
+    class Record(Callback):
+        def on_train_step_end(self, run_context):
+            losses.append(float(run_context.original_args().net_outputs.asnumpy()))
+
+    data = ds.GeneratorDataset([classification_batch(t) for t in range(steps)], ["ids", "labels"], shuffle=False)
     trainer = Model(model, nn.CrossEntropyLoss(), nn.AdamWeightDecay(model.trainable_params(), 1e-3))
-    trainer.train(1, data, callbacks=[callback], dataset_sink_mode=False)
+    trainer.train(1, data, callbacks=[callback, Record()], dataset_sink_mode=False)
+    return losses, algorithm, callback, model
+
+
+def test_algorithm_under_model_train_callback(mode):
+    """In mindspore's Model.train (one compiled graph for the run), AlgorithmCallback writes theta
+    and the keep draws before every step, and the compiled graph follows them: the same run with
+    another seed (same weights, same data) drops other layers and gives other losses."""
+    losses, algorithm, callback, model = train_with_model_train(seed=1)
     assert algorithm.schedule.global_step == 3
     assert float(algorithm.schedule.theta_parameter.asnumpy()) == pytest.approx(pld_theta(3, 0.3, 0.5), rel=1e-6)
     rng = np.random.default_rng(1)
     np.testing.assert_allclose(pld_noise(model).asnumpy(), [rng.random(2) for _ in range(4)][-1], rtol=1e-6)
     assert [event for _, event, _ in callback.engine.trace].count("batch_start") == 4
-    assert np.isfinite(callback.state.loss)
+    assert len(losses) == 4 and np.all(np.isfinite(losses))
+    assert train_with_model_train(seed=2)[0] != losses
