@@ -29,7 +29,9 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "test": ["pytest", "tokenizers", "hypothesis"],
-        "samples": ["tokenizers", "matplotlib"],
+        # gguf: ms_prune.hub.smollm2_dir() converts SmolLM2's GGUF file (tests use the model)
+        "test": ["pytest", "tokenizers", "hypothesis", "gguf"],
+        "samples": ["tokenizers", "matplotlib", "gguf"],
+        "hub": ["tokenizers", "gguf"],
     },
 )

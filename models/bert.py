@@ -13,9 +13,9 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from .modeling_utils import (Embedding, HeadPrunableAttention, LayerNorm, Linear, OutputBias, PreTrainedCell,
-                             PretrainedConfig, PrunedUnits, additive_padding_bias, check_model_inputs,
-                             slice_input_projection, slice_output_projection)
+from .modeling_utils import (Embedding, HeadPrunableAttention, LayerNorm, Linear, NeuronPrunableFFN, OutputBias,
+                             PreTrainedCell, PretrainedConfig, PrunedUnits, additive_padding_bias,
+                             check_model_inputs, slice_input_projection, slice_output_projection)
 
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "HeadPrunerBertLRP", "mean_pooling"]
 
@@ -27,7 +27,7 @@ class BertConfig(PretrainedConfig):
         intermediate_size=3072, hidden_act="gelu", hidden_dropout_prob=0.1,
         attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=2,
         initializer_range=0.02, layer_norm_eps=1e-12, num_labels=2, classifier_dropout=None,
-        pruned_heads={}, pre_layer_norm=False,
+        pruned_heads={}, pre_layer_norm=False, pruned_ffn_neurons={},
     )
     activations = ("gelu", "gelu_new", "relu")
 
@@ -48,6 +48,7 @@ class BertConfig(PretrainedConfig):
         if self.hidden_act not in self.activations:
             raise ValueError(f"BertConfig.hidden_act {self.hidden_act!r} is not one of {self.activations}")
         self._check_pruned_heads(self.num_hidden_layers, self.num_attention_heads)
+        self._check_pruned_ffn_neurons(self.num_hidden_layers, self.intermediate_size)
 
 
 def activation(name):
@@ -131,23 +132,27 @@ class BertAttention(HeadPrunableAttention):
         self.output.dense = slice_output_projection(self.output.dense, columns, "linear")
 
 
-class BertIntermediate(nn.Cell):
-    def __init__(self, config):
-        super().__init__()
-        self.dense = Linear(config.hidden_size, config.intermediate_size, config.initializer_range)
+class BertIntermediate(NeuronPrunableFFN):
+    def __init__(self, config, kept_neurons):
+        super().__init__(config.intermediate_size, kept_neurons)
+        self.dense = Linear(config.hidden_size, self.num_neurons, config.initializer_range) if self.num_neurons else None
         self.act = activation(config.hidden_act)
 
     def construct(self, x):
-        return self.act(self.dense(x))
+        if self.num_neurons == 0:
+            return x  # the output projection is then an OutputBias, which only needs x's shape
+        return self.gated(self.act(self.dense(x)))
 
 
 class BertLayer(nn.Cell):
-    def __init__(self, config, kept_heads):
+    def __init__(self, config, kept_heads, kept_neurons=None):
         super().__init__()
         self.pre_layer_norm = config.pre_layer_norm
         self.attention = BertAttention(config, kept_heads)
-        self.intermediate = BertIntermediate(config)
-        self.output = BertSubLayerOutput(config, config.intermediate_size)
+        if kept_neurons is None:
+            kept_neurons = range(config.intermediate_size)
+        self.intermediate = BertIntermediate(config, kept_neurons)
+        self.output = BertSubLayerOutput(config, self.intermediate.num_neurons)
 
     def construct(self, hidden_states, attention_bias):
         hidden_states, penalty = self.attention(hidden_states, attention_bias)
@@ -161,9 +166,10 @@ class BertLayer(nn.Cell):
 class BertEncoder(nn.Cell):
     def __init__(self, config):
         super().__init__()
-        heads = range(config.num_attention_heads)
+        heads, neurons = range(config.num_attention_heads), range(config.intermediate_size)
         self.layer = nn.CellList([
-            BertLayer(config, [h for h in heads if h not in config.pruned_heads.get(i, [])])
+            BertLayer(config, [h for h in heads if h not in config.pruned_heads.get(i, [])],
+                      [n for n in neurons if n not in set(config.pruned_ffn_neurons.get(i, []))])
             for i in range(config.num_hidden_layers)])
         self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps) if config.pre_layer_norm else None
 
@@ -201,24 +207,21 @@ class BertPreTrainedCell(PreTrainedCell):
     def transformer_layers(self):
         return self._backbone().encoder.layer
 
+    def ffn_layers(self):
+        return [layer.intermediate for layer in self.transformer_layers()]
+
+    def ffn_projections(self, layer):
+        block = self.transformer_layers()[layer]
+        return (block.intermediate, "dense", "linear"), (block.output, "dense", "linear")
+
     def _is_embedding_parameter(self, name):
         return ".embeddings." in "." + name
 
     def _is_per_token(self, cell_name):
         return not any(part in ("pooler", "classifier") for part in cell_name.split("."))
 
-    def _zero_size_tensors(self):
-        prefix = self._backbone_name()
-        state = {}
-        hidden = self.config.hidden_size
-        for i, attention in enumerate(self.attention_layers()):
-            if attention.num_heads == 0:
-                base = f"{prefix}encoder.layer.{i}.attention."
-                for name in ("query", "key", "value"):
-                    state[f"{base}self.{name}.weight"] = np.zeros((0, hidden), np.float32)
-                    state[f"{base}self.{name}.bias"] = np.zeros((0,), np.float32)
-                state[f"{base}output.dense.weight"] = np.zeros((hidden, 0), np.float32)
-        return state
+    def _hidden_size(self):
+        return self.config.hidden_size
 
     def _backbone_name(self):
         return ""
@@ -233,6 +236,11 @@ class BertPreTrainedCell(PreTrainedCell):
             tensors.append((f"{base}output.dense.weight", 1, 1))
             units.append(PrunedUnits("heads", i, attention.total_heads, attention.kept_heads, attention.head_dim,
                                      tensors))
+        for i, ffn in enumerate(self.ffn_layers()):
+            base = f"{prefix}encoder.layer.{i}."
+            tensors = [(f"{base}intermediate.dense.weight", 0, 1), (f"{base}intermediate.dense.bias", 0, 1),
+                       (f"{base}output.dense.weight", 1, 1)]
+            units.append(PrunedUnits("neurons", i, ffn.total_neurons, ffn.kept_neurons, 1, tensors))
         return units
 
 

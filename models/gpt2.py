@@ -14,8 +14,8 @@ from mindspore import Tensor, nn, ops
 
 from .bert import activation
 from .modeling_utils import (MASK_VALUE, Conv1D, Embedding, HeadPrunableAttention, LayerNorm,
-                             OutputBias, PreTrainedCell, PretrainedConfig, PrunedUnits, check_model_inputs,
-                             slice_input_projection, slice_output_projection)
+                             NeuronPrunableFFN, OutputBias, PreTrainedCell, PretrainedConfig, PrunedUnits,
+                             check_model_inputs, slice_input_projection, slice_output_projection)
 
 __all__ = ["GPT2Config", "GPT2Model", "GPT2LMHeadModel", "HeadPrunerGPTLRP"]
 
@@ -27,7 +27,7 @@ class GPT2Config(PretrainedConfig):
         activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1,
         layer_norm_epsilon=1e-5, initializer_range=0.02, scale_attn_weights=True,
         scale_attn_by_inverse_layer_idx=False, reorder_and_upcast_attn=False,
-        tie_word_embeddings=True, pruned_heads={},
+        tie_word_embeddings=True, pruned_heads={}, pruned_ffn_neurons={},
     )
 
     def validate(self):
@@ -44,6 +44,7 @@ class GPT2Config(PretrainedConfig):
             if getattr(self, flag) != wanted:
                 raise ValueError(f"GPT2Config.{flag}={getattr(self, flag)!r} is not supported (only {wanted})")
         self._check_pruned_heads(self.n_layer, self.n_head)
+        self._check_pruned_ffn_neurons(self.n_layer, self.inner_size)
 
     @property
     def inner_size(self):
@@ -82,25 +83,28 @@ class GPT2Attention(HeadPrunableAttention):
         self.c_proj = slice_output_projection(self.c_proj, columns, "conv1d")
 
 
-class GPT2MLP(nn.Cell):
-    def __init__(self, config):
-        super().__init__()
-        self.c_fc = Conv1D(config.n_embd, config.inner_size, config.initializer_range)
-        self.c_proj = Conv1D(config.inner_size, config.n_embd, config.initializer_range)
+class GPT2MLP(NeuronPrunableFFN):
+    def __init__(self, config, kept_neurons=None):
+        super().__init__(config.inner_size, range(config.inner_size) if kept_neurons is None else kept_neurons)
+        width, std = self.num_neurons, config.initializer_range
+        self.c_fc = Conv1D(config.n_embd, width, std) if width else None
+        self.c_proj = Conv1D(width, config.n_embd, std) if width else OutputBias(np.zeros((config.n_embd,), np.float32))
         self.act = activation(config.activation_function)
         self.dropout = nn.Dropout(p=config.resid_pdrop)
 
     def construct(self, x):
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        if self.num_neurons == 0:
+            return self.dropout(self.c_proj(x))
+        return self.dropout(self.c_proj(self.gated(self.act(self.c_fc(x)))))
 
 
 class GPT2Block(nn.Cell):
-    def __init__(self, config, kept_heads):
+    def __init__(self, config, kept_heads, kept_neurons=None):
         super().__init__()
         self.ln_1 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
         self.attn = GPT2Attention(config, kept_heads)
         self.ln_2 = LayerNorm(config.n_embd, config.layer_norm_epsilon)
-        self.mlp = GPT2MLP(config)
+        self.mlp = GPT2MLP(config, kept_neurons)
 
     def construct(self, hidden_states, attention_bias):
         attended, penalty = self.attn(self.ln_1(hidden_states), attention_bias)
@@ -125,6 +129,13 @@ class GPT2PreTrainedCell(PreTrainedCell):
     def transformer_layers(self):
         return self._backbone().h
 
+    def ffn_layers(self):
+        return [block.mlp for block in self.transformer_layers()]
+
+    def ffn_projections(self, layer):
+        mlp = self.transformer_layers()[layer].mlp
+        return (mlp, "c_fc", "conv1d"), (mlp, "c_proj", "conv1d")
+
     def _is_embedding_parameter(self, name):
         return name.split(".")[-2] in ("wte", "wpe")
 
@@ -136,18 +147,14 @@ class GPT2PreTrainedCell(PreTrainedCell):
             tensors = [(base + "c_attn.weight", 1, 3), (base + "c_attn.bias", 0, 3), (base + "c_proj.weight", 0, 1)]
             units.append(PrunedUnits("heads", i, attention.total_heads, attention.kept_heads, attention.head_dim,
                                      tensors))
+        for i, ffn in enumerate(self.ffn_layers()):
+            base = f"{self._backbone_name()}h.{i}.mlp."
+            tensors = [(base + "c_fc.weight", 1, 1), (base + "c_fc.bias", 0, 1), (base + "c_proj.weight", 0, 1)]
+            units.append(PrunedUnits("neurons", i, ffn.total_neurons, ffn.kept_neurons, 1, tensors))
         return units
 
-    def _zero_size_tensors(self):
-        state = {}
-        width = self.config.n_embd
-        for i, attention in enumerate(self.attention_layers()):
-            if attention.num_heads == 0:
-                base = f"{self._backbone_name()}h.{i}.attn."
-                state[base + "c_attn.weight"] = np.zeros((width, 0), np.float32)
-                state[base + "c_attn.bias"] = np.zeros((0,), np.float32)
-                state[base + "c_proj.weight"] = np.zeros((0, width), np.float32)
-        return state
+    def _hidden_size(self):
+        return self.config.n_embd
 
 
 class GPT2Model(GPT2PreTrainedCell):
@@ -156,12 +163,13 @@ class GPT2Model(GPT2PreTrainedCell):
     def __init__(self, config):
         super().__init__(config)
         self.max_positions = config.n_positions  # a plain int: a graph-mode constant
-        heads = range(config.n_head)
+        heads, neurons = range(config.n_head), range(config.inner_size)
         self.wte = Embedding(config.vocab_size, config.n_embd, config.initializer_range)
         self.wpe = Embedding(config.n_positions, config.n_embd, config.initializer_range)
         self.drop = nn.Dropout(p=config.embd_pdrop)
         self.h = nn.CellList([
-            GPT2Block(config, [h for h in heads if h not in config.pruned_heads.get(i, [])])
+            GPT2Block(config, [h for h in heads if h not in config.pruned_heads.get(i, [])],
+                      [n for n in neurons if n not in set(config.pruned_ffn_neurons.get(i, []))])
             for i in range(config.n_layer)])
         self.ln_f = LayerNorm(config.n_embd, config.layer_norm_epsilon)
         self.causal = Tensor(np.tril(np.ones((config.n_positions, config.n_positions), np.float32)))

@@ -48,9 +48,9 @@ class PretrainedConfig:
                 f"known keys are {sorted(self.defaults)}")
         for key, default in self.defaults.items():
             setattr(self, key, copy.deepcopy(kwargs.get(key, default)))
-        self.pruned_heads = {
-            int(layer): sorted({int(h) for h in heads})
-            for layer, heads in (self.pruned_heads or {}).items()}
+        self.pruned_heads = _int_unit_map(self.pruned_heads)
+        if "pruned_ffn_neurons" in self.defaults:
+            self.pruned_ffn_neurons = _int_unit_map(self.pruned_ffn_neurons)
         self.extra = {}
         self.validate()
 
@@ -69,13 +69,19 @@ class PretrainedConfig:
             if not 0.0 <= float(value) < 1.0:
                 raise ValueError(f"{type(self).__name__}.{name} must be in [0, 1), got {value!r}")
 
-    def _check_pruned_heads(self, num_layers, num_heads):
-        for layer, heads in self.pruned_heads.items():
+    def _check_pruned_units(self, key, unit, num_layers, total):
+        for layer, units in getattr(self, key).items():
             if not 0 <= layer < num_layers:
-                raise ValueError(f"pruned_heads names layer {layer}, but the model has layers 0..{num_layers - 1}")
-            bad = [h for h in heads if not 0 <= h < num_heads]
+                raise ValueError(f"{key} names layer {layer}, but the model has layers 0..{num_layers - 1}")
+            bad = [u for u in units if not 0 <= u < total]
             if bad:
-                raise ValueError(f"pruned_heads of layer {layer} names head(s) {bad}, but layers have heads 0..{num_heads - 1}")
+                raise ValueError(f"{key} of layer {layer} names {unit}(s) {bad}, but layers have {unit}s 0..{total - 1}")
+
+    def _check_pruned_heads(self, num_layers, num_heads):
+        self._check_pruned_units("pruned_heads", "head", num_layers, num_heads)
+
+    def _check_pruned_ffn_neurons(self, num_layers, width):
+        self._check_pruned_units("pruned_ffn_neurons", "neuron", num_layers, width)
 
     @classmethod
     def from_dict(cls, values):
@@ -111,6 +117,12 @@ class PretrainedConfig:
         pruned = {str(k): v for k, v in sorted(self.pruned_heads.items()) if v}
         if pruned:  # like transformers, only when something is pruned: a dense model's config has none
             values["pruned_heads"] = pruned
+        if "pruned_ffn_neurons" in self.defaults:
+            # also only when something is pruned, so a dense model's config.json stays Hugging Face's
+            values.pop("pruned_ffn_neurons", None)
+            ffn = {str(k): v for k, v in sorted(self.pruned_ffn_neurons.items()) if v}
+            if ffn:
+                values["pruned_ffn_neurons"] = ffn
         values["model_type"] = self.model_type
         return values
 
@@ -135,6 +147,11 @@ class PretrainedConfig:
 
     def __repr__(self):
         return f"{type(self).__name__}({json.dumps(self.to_dict(), sort_keys=True)})"
+
+
+def _int_unit_map(mapping):
+    """{layer: [unit, ...]} with int keys (JSON gives strings) and sorted, unique int units."""
+    return {int(layer): sorted({int(u) for u in units}) for layer, units in (mapping or {}).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,15 +190,21 @@ class Embedding(nn.Cell):
 
 
 class Linear(nn.Cell):
-    """y = x W^T + b with W of shape (out, in): PyTorch's ``nn.Linear`` layout."""
+    """y = x W^T + b with W of shape (out, in): PyTorch's ``nn.Linear`` layout. ``has_bias=False``
+    gives no ``bias`` parameter at all (Llama's projections), so checkpoints without one load."""
 
-    def __init__(self, in_features, out_features, std=0.02, weight=None, bias=None):
+    def __init__(self, in_features, out_features, std=0.02, weight=None, bias=None, has_bias=True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = Parameter(Tensor(weight)) if weight is not None else _normal((out_features, in_features), std)
-        self.bias = Parameter(Tensor(bias)) if bias is not None else _constant((out_features,), 0.0)
+        if not has_bias:
+            self.bias = None
+        else:
+            self.bias = Parameter(Tensor(bias)) if bias is not None else _constant((out_features,), 0.0)
 
     def construct(self, x):
+        if self.bias is None:
+            return ops.matmul(x, self.weight.T)
         return ops.matmul(x, self.weight.T) + self.bias
 
 
@@ -200,14 +223,18 @@ class Conv1D(nn.Cell):
 
 
 class OutputBias(nn.Cell):
-    """What an output projection leaves when every head feeding it is pruned: its bias."""
+    """What an output projection leaves when every head feeding it is pruned: its bias, or zeros
+    (``bias=None``, with ``out_features``) for a projection without one."""
 
-    def __init__(self, bias):
+    def __init__(self, bias, out_features=None):
         super().__init__()
-        self.in_features, self.out_features = 0, bias.shape[0]
-        self.bias = Parameter(Tensor(bias))
+        self.in_features = 0
+        self.out_features = bias.shape[0] if bias is not None else out_features
+        self.bias = Parameter(Tensor(bias)) if bias is not None else None
 
     def construct(self, like):
+        if self.bias is None:
+            return ops.zeros_like(like)
         return ops.zeros_like(like) + self.bias
 
 
@@ -243,7 +270,14 @@ class HeadPrunableAttention(nn.Cell):
         q = q.reshape(shape).transpose(0, 2, 1, 3)
         k = k.reshape(shape).transpose(0, 2, 3, 1)
         v = v.reshape(shape).transpose(0, 2, 1, 3)
-        scores = ops.matmul(q, k) * self.scale + attention_bias
+        return self.attend_heads(q, k, v, attention_bias)
+
+    def attend_heads(self, q, keys_t, v, attention_bias):
+        """``attend`` for attentions that lay out their heads themselves (rotary positions,
+        key/value heads shared by several query heads): q and v (batch, heads, seq, head_dim),
+        keys_t (batch, heads, head_dim, seq), one entry per query head on axis 1."""
+        batch, seq = q.shape[0], q.shape[2]
+        scores = ops.matmul(q, keys_t) * self.scale + attention_bias
         probs = self.attn_dropout(ops.softmax(scores, -1))
         context = ops.matmul(probs, v)
         penalty = ops.zeros((), ms.float32)
@@ -283,14 +317,35 @@ class HeadPrunableAttention(nn.Cell):
         return 2 * 2 * seq_len * seq_len * self.num_heads * self.head_dim
 
 
+class NeuronPrunableFFN(nn.Cell):
+    """Base of the Cells computing an FFN's activation (B, S, intermediate): bookkeeping of which
+    original intermediate neurons remain (``kept_neurons``, original numbers). ``neuron_gate`` is
+    None, or a Cell multiplying the activation on its last axis (``gated``); being None by
+    default, it leaves the unmasked graph as it was. A width of 0 is allowed: the FFN then adds
+    only its output bias (the model's ``ffn_projections`` hook says where the projections are)."""
+
+    def __init__(self, total_neurons, kept_neurons):
+        super().__init__()
+        self.total_neurons = total_neurons
+        self.kept_neurons = list(kept_neurons)
+        self.num_neurons = len(self.kept_neurons)
+        self.neuron_gate = None
+
+    def gated(self, activation):
+        if self.neuron_gate is not None:
+            return self.neuron_gate(activation)
+        return activation
+
+
 def slice_output_projection(projection, columns, layout):
     """Keep input features ``columns`` of an output projection (``layout``: 'linear' or 'conv1d')."""
-    bias = projection.bias.asnumpy()
+    bias = projection.bias.asnumpy() if projection.bias is not None else None
     if len(columns) == 0:
-        return OutputBias(bias)
+        return OutputBias(bias, projection.out_features)
     weight = projection.weight.asnumpy()
     if layout == "linear":
-        return Linear(len(columns), weight.shape[0], weight=np.ascontiguousarray(weight[:, columns]), bias=bias)
+        return Linear(len(columns), weight.shape[0], weight=np.ascontiguousarray(weight[:, columns]), bias=bias,
+                      has_bias=bias is not None)
     return Conv1D(len(columns), weight.shape[1], weight=np.ascontiguousarray(weight[columns, :]), bias=bias)
 
 
@@ -298,10 +353,12 @@ def slice_input_projection(projection, rows, layout):
     """Keep output features ``rows`` of a Q/K/V projection, or None when none are kept."""
     if len(rows) == 0:
         return None
-    weight, bias = projection.weight.asnumpy(), projection.bias.asnumpy()
+    weight = projection.weight.asnumpy()
+    bias = projection.bias.asnumpy()[rows] if projection.bias is not None else None
     if layout == "linear":
-        return Linear(weight.shape[1], len(rows), weight=np.ascontiguousarray(weight[rows, :]), bias=bias[rows])
-    return Conv1D(weight.shape[0], len(rows), weight=np.ascontiguousarray(weight[:, rows]), bias=bias[rows])
+        return Linear(weight.shape[1], len(rows), weight=np.ascontiguousarray(weight[rows, :]), bias=bias,
+                      has_bias=bias is not None)
+    return Conv1D(weight.shape[0], len(rows), weight=np.ascontiguousarray(weight[:, rows]), bias=bias)
 
 
 class LayerWrapper(nn.Cell):
@@ -332,6 +389,29 @@ class LayerWrapper(nn.Cell):
         super().set_train(mode)
         self.layer.set_train(mode)
         return self
+
+
+def _checked_units(owner, unit, to_prune, totals):
+    """Validate ``{layer: [unit, ...]}`` against per-layer totals before any surgery, so a bad
+    index changes nothing; returns {layer: set(units)}."""
+    if not isinstance(to_prune, dict):
+        raise TypeError(f"{owner} takes {{layer: [{unit}s]}}, got {type(to_prune).__name__}")
+    checked = {}
+    for layer, units in to_prune.items():
+        if isinstance(layer, str) and layer.isdigit() and layer.isascii():
+            layer = int(layer)  # JSON object keys (config.json, a JSON plan) are strings
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise TypeError(f"{owner}: layer keys must be ints (or digit strings such as '0'), "
+                            f"got {layer!r} ({type(layer).__name__})")
+        if not 0 <= layer < len(totals):
+            raise ValueError(f"{owner}: layer {layer!r} is out of range; the model has layers 0..{len(totals) - 1}")
+        units = [units] if isinstance(units, (int, np.integer)) else list(units)
+        total = totals[layer]
+        bad = [u for u in units if isinstance(u, bool) or not isinstance(u, (int, np.integer)) or not 0 <= u < total]
+        if bad:
+            raise ValueError(f"{owner}: layer {layer} has {unit}s 0..{total - 1}; {unit}(s) {bad} are out of range")
+        checked[int(layer)] = {int(u) for u in units}
+    return checked
 
 
 def check_model_inputs(owner, input_ids, attention_mask, max_positions, position_key):
@@ -396,6 +476,17 @@ class PrunedUnits:
 def additive_padding_bias(attention_mask, dtype=ms.float32):
     """(batch, seq) 1/0 mask -> (batch, 1, 1, seq) additive bias."""
     return (1.0 - attention_mask.astype(dtype)).reshape(attention_mask.shape[0], 1, 1, -1) * MASK_VALUE
+
+
+def causal_attention_bias(seq, attention_mask=None):
+    """Additive bias of a decoder: (1, 1, seq, seq) causal, or (batch, 1, seq, seq) combined with a
+    (batch, seq) 1/0 padding mask. Built from positions rather than a stored (max_positions^2)
+    table, which would take 256 MB for an 8k context."""
+    positions = ops.arange(seq)
+    allowed = (positions.reshape(1, seq) <= positions.reshape(seq, 1)).astype(ms.float32).reshape(1, 1, seq, seq)
+    if attention_mask is not None:
+        allowed = allowed * attention_mask.astype(ms.float32).reshape(attention_mask.shape[0], 1, 1, seq)
+    return (1.0 - allowed) * MASK_VALUE
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,7 +649,27 @@ class PreTrainedCell(nn.Cell):
         return state
 
     def _zero_size_tensors(self):
-        return {}
+        """The tensors of every unit kind a layer has lost entirely (all its heads, all its FFN
+        neurons), with size 0 along the unit axis: Hugging Face's layout of such a layer, which
+        ``from_pretrained`` skips and ``export_hf_dense`` re-inflates. A model that declares no
+        prunable units has none."""
+        try:
+            unit_kinds = self._prunable_units()
+        except NotImplementedError:
+            return {}
+        hidden = self._hidden_size()
+        state = {}
+        for units in unit_kinds:
+            if units.kept:
+                continue
+            for name, axis, _ in units.tensors:
+                shape = (0,) if name.endswith(".bias") else tuple(0 if a == axis else hidden for a in range(2))
+                state[name] = np.zeros(shape, np.float32)
+        return state
+
+    def _hidden_size(self):
+        """The model width (the other axis of a unit's 2-D tensors)."""
+        raise NotImplementedError
 
     def save_pretrained(self, directory):
         """Write ``config.json`` + ``model.safetensors`` in our compact layout: pruned tensors keep
@@ -590,7 +701,7 @@ class PreTrainedCell(nn.Cell):
         self._write_checkpoint(directory, config, state)
 
     # config keys that record removed units; the dense export clears them
-    _pruning_records = ("pruned_heads",)
+    _pruning_records = ("pruned_heads", "pruned_ffn_neurons")
 
     def _prunable_units(self):
         """The ``PrunedUnits`` of every layer: which checkpoint tensors each unit kind occupies."""
@@ -624,32 +735,57 @@ class PreTrainedCell(nn.Cell):
         only the output projection's bias; the residual path stays).
         """
         layers = self.attention_layers()
-        if not isinstance(heads_to_prune, dict):
-            raise TypeError(f"prune_heads takes {{layer: [heads]}}, got {type(heads_to_prune).__name__}")
-        checked = {}
-        for layer, heads in heads_to_prune.items():
-            if isinstance(layer, str) and layer.isdigit() and layer.isascii():
-                layer = int(layer)  # JSON object keys (config.json, a JSON plan) are strings
-            if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-                raise TypeError(f"prune_heads: layer keys must be ints (or digit strings such as '0'), "
-                                f"got {layer!r} ({type(layer).__name__})")
-            if not 0 <= layer < len(layers):
-                raise ValueError(f"prune_heads: layer {layer!r} is out of range; the model has layers 0..{len(layers) - 1}")
-            heads = [heads] if isinstance(heads, (int, np.integer)) else list(heads)
-            total = layers[layer].total_heads
-            bad = [h for h in heads if isinstance(h, bool) or not isinstance(h, (int, np.integer)) or not 0 <= h < total]
-            if bad:
-                raise ValueError(f"prune_heads: layer {layer} has heads 0..{total - 1}; head(s) {bad} are out of range")
-            checked[int(layer)] = {int(h) for h in heads}
+        checked = _checked_units("prune_heads", "head", heads_to_prune, [a.total_heads for a in layers])
         for layer, heads in checked.items():
             layers[layer].prune_heads(heads)
-            merged = set(self.config.pruned_heads.get(layer, [])) | heads
-            self.config.pruned_heads[layer] = sorted(merged)
+            self._record_pruned("pruned_heads", layer, heads)
         self.refresh_after_surgery()
         return self
 
+    def _record_pruned(self, key, layer, units):
+        # the config records the union over calls, so a saved model reloads with the same shapes
+        record = getattr(self.config, key)
+        record[layer] = sorted(set(record.get(layer, [])) | set(units))
+
     def heads_per_layer(self):
         return [attention.num_heads for attention in self.attention_layers()]
+
+    # ---- FFN neuron pruning -------------------------------------------------------------------
+    def ffn_layers(self):
+        """The ``NeuronPrunableFFN`` Cells (where a neuron gate sits), in layer order."""
+        raise NotImplementedError
+
+    def ffn_projections(self, layer):
+        """Where layer ``layer``'s FFN projections are: ``((owner, attribute, layout), (owner,
+        attribute, layout))`` for the input projection (one output feature per neuron) and the
+        output projection (one input feature per neuron); layout 'linear' or 'conv1d'."""
+        raise NotImplementedError
+
+    def prune_ffn_neurons(self, neurons_to_prune):
+        """Physically remove FFN intermediate neurons: ``{layer: [neuron, ...]}`` in the ORIGINAL
+        numbering. Repeated calls merge; ``config.pruned_ffn_neurons`` records the union so that a
+        saved model reloads with the same shapes. Layers may keep different widths, down to 0
+        (the FFN then adds only its output bias; the residual path stays)."""
+        ffns = self.ffn_layers()
+        checked = _checked_units("prune_ffn_neurons", "neuron", neurons_to_prune, [f.total_neurons for f in ffns])
+        for layer, neurons in checked.items():
+            ffn = ffns[layer]
+            positions = [i for i, n in enumerate(ffn.kept_neurons) if n not in neurons]
+            if len(positions) < ffn.num_neurons:
+                (in_owner, in_name, in_layout), (out_owner, out_name, out_layout) = self.ffn_projections(layer)
+                rows = np.asarray(positions, np.int64)
+                setattr(in_owner, in_name, slice_input_projection(getattr(in_owner, in_name), rows, in_layout))
+                setattr(out_owner, out_name, slice_output_projection(getattr(out_owner, out_name), rows, out_layout))
+                ffn.kept_neurons = [ffn.kept_neurons[i] for i in positions]
+                ffn.num_neurons = len(positions)
+                if ffn.neuron_gate is not None:
+                    ffn.neuron_gate.keep(positions)
+            self._record_pruned("pruned_ffn_neurons", layer, neurons)
+        self.refresh_after_surgery()
+        return self
+
+    def neurons_per_layer(self):
+        return [ffn.num_neurons for ffn in self.ffn_layers()]
 
     # ---- LRP head gates (ms_prune.heads; owned by the LRP head pruner) -------------------------
     def _set_return_penalty(self, flag):

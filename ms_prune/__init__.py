@@ -3,6 +3,8 @@
 * ``ms_prune.models``: BERT and GPT-2 Cells that load and save Hugging Face checkpoints and
   physically prune attention heads.
 * ``ms_prune.heads``: LRP (Hard-Concrete / L0) head pruning.
+* ``ms_prune.gradnas``: GradNAS, gradient-scored pruning of heads and FFN neurons under a FLOPs or
+  parameter budget.
 * ``ms_prune.token_drop``: random layer-wise token dropping (random-LTD).
 * ``ms_prune.layer_drop``: progressive layer dropping (PLD).
 """

@@ -64,6 +64,15 @@ def read_sst2(split, data_dir=None):
     return sentences, np.asarray(labels, np.int32)
 
 
+def read_wikitext2(split, data_dir=None):
+    """WikiText-2 (the tokenised release: ``<unk>``, `` @-@ ``) as one string; split is 'valid'
+    or 'test' (evaluation only: the training split is not in the shared data)."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"WikiText-2 split must be 'valid' or 'test', got {split!r}")
+    with open(data_path("wikitext2", f"{split}.txt", data_dir=data_dir), encoding="utf-8") as f:
+        return f.read()
+
+
 def gpt2_tokenizer(data_dir=None):
     """The original GPT-2 byte-level BPE (``tokenizers`` library) from the shared files."""
     from tokenizers import ByteLevelBPETokenizer

@@ -8,7 +8,7 @@ import math
 import numbers
 
 __all__ = ["check_int", "check_number", "check_bool", "check_choice", "check_instance", "check_keys",
-           "check_like", "check_ranges"]
+           "check_like", "check_ranges", "check_amount_or_percent"]
 
 
 def _got(value):
@@ -143,3 +143,19 @@ def check_ranges(owner, tree, ranges):
             elif item is not None:
                 check_number(owner, name, item, low, high, min_open=bool(open_low))
     return tree
+
+
+def check_amount_or_percent(owner, name, value):
+    """A positive number (an absolute amount) or a string 'P%' with 0 < P <= 100 (a share of a
+    reference). Returns (amount, None) or (None, P / 100)."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            percent = float(text[:-1]) if text.endswith("%") else None
+        except ValueError:
+            percent = None
+        if percent is None or not math.isfinite(percent) or not 0 < percent <= 100:
+            raise ValueError(f"{owner}: {name} must be a positive number or a percentage such as '60%' "
+                             f"(0 < P <= 100), {_got(value)}")
+        return None, percent / 100.0
+    return check_number(owner, name, value, minimum=0, min_open=True), None

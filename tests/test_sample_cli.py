@@ -106,7 +106,8 @@ def test_yaml_1e_4_is_a_float_and_left_out_keys_take_the_default(tmp_path):
     ("batch_size: 16.5\n", TypeError, r"batch_size must be an int, got 16.5 \(float\)"),
     ("train: 5\n", TypeError, r"train must be a mapping, got int"),
     ("model: {n_head: -2}\n", ValueError, r"model.n_head must be an int in \[1, inf\], got -2"),
-    ("target_fraction: 1.5\n", ValueError, r"target_fraction must be in \(0, 1\], got 1.5"),
+    ("gates: {algorithms: {lrp: {target_fraction: 1.5}}}\n", ValueError,
+     r"gates.algorithms.lrp.target_fraction must be in \(0, 1\], got 1.5"),
     ("train: {lr: 0}\n", ValueError, r"train.lr must be in \(0, inf\], got 0.0"),
     ("- 1\n- 2\n", ValueError, r"expected a YAML mapping of settings, got list"),
 ])

@@ -18,6 +18,8 @@ Each row maps a name to a dict:
 import numpy as np
 from mindspore import ops
 
+from ms_prune.gradnas import GradNAS
+from ms_prune.gradnas.masks import attach_masks, detach
 from ms_prune.heads.algorithm import LRP, apply_lrp, remove_lrp
 from ms_prune.layer_drop import ProgressiveLayerDropping, apply_progressive_layer_drop, remove_progressive_layer_drop
 from ms_prune.models.bert import BertConfig, BertForSequenceClassification
@@ -74,11 +76,22 @@ def is_gate_tensor(name):
     return ".head_gate." in name
 
 
+def is_gradnas_mask(name):
+    return name.endswith((".head_gate.mask", ".neuron_gate.mask"))
+
+
 ALGORITHM_SETTINGS = {
     "lrp": dict(
         algorithm=lambda: LRP(target_heads=5, warmup_steps=3, gate_lr=0.3),
         model=tiny_bert, data=classification_batch, loss_fn=classification_loss,
         apply=apply_lrp, remove=remove_lrp, adds_tensors=is_gate_tensor, model_train=True, steps=6),
+    # GradNAS's reversible functional step is putting its scoring masks (ones) in and taking them
+    # out; the pruning itself (apply_gradnas) removes units and has no inverse.
+    "gradnas": dict(
+        algorithm=lambda: GradNAS([classification_batch(100 + i) for i in range(2)], constraints={"flops": "60%"},
+                                  seq_len=12, at_step=2),
+        model=tiny_bert, data=classification_batch, loss_fn=classification_loss,
+        apply=attach_masks, remove=detach, adds_tensors=is_gradnas_mask, model_train=False, steps=6),
     "progressive_layer_drop": dict(
         algorithm=lambda: ProgressiveLayerDropping(theta=0.5, gamma=0.5),
         model=pre_ln_bert, data=classification_batch, loss_fn=classification_loss,
