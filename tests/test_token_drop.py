@@ -501,3 +501,50 @@ def test_algorithm_trains_a_model_that_is_not_ours(mode):
     assert len(algorithm.wrappers) == 1 and isinstance(model.blocks[1], RandomLayerTokenDrop)
     assert np.all(np.isfinite(losses)) and len(set(losses)) == len(losses)
     assert trainer.compilations == len(algorithm.scheduler.distinct_lengths(4)) == 3  # kept 2, 2, 4, 6
+
+
+def tiny_llama(layers=3):
+    from ms_prune.models.llama import LlamaConfig, LlamaForCausalLM
+    ms.set_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16))
+
+
+def test_rotary_layer_gets_the_kept_tokens_real_positions(mode):
+    """A Llama layer (rotary angles from position_ids) run on the kept tokens sees their real
+    positions and the causal bias among them: exactly the layer on that sub-sequence. DeepSpeed
+    gives rotary models positions 0..r-1 instead."""
+    rng = np.random.default_rng(8)
+    layer = tiny_llama().transformer_layers()[0]
+    for name, param in layer.parameters_and_names():  # sharp attention, so positions show in the output
+        if "q_proj" in name or "k_proj" in name:
+            param.set_data(param * 40.0)
+    hidden = rng.normal(size=(B, S, 16)).astype(np.float32)
+    bias = ((1 - np.tril(np.ones((S, S), np.float32)))[None, None] * MASK_VALUE).repeat(B, 0)
+    position_ids = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy()
+    scores = rng.random((B, S))
+    kept = 5
+    wrapper = RandomLayerTokenDrop(layer, kept_length=kept)
+    wrapper.share_draw(fixed_draw(scores), draws=False)
+    wrapper.set_train(True)
+    out = wrapper(Tensor(hidden), Tensor(bias), Tensor(position_ids))[0].asnumpy()
+    p = top_positions(scores, kept).astype(np.int32)
+    sub_bias = np.stack([(1 - (p[b][:, None] >= p[b][None, :])) * MASK_VALUE for b in range(B)])[:, None]
+    sub_hidden = np.stack([hidden[b, p[b]] for b in range(B)])
+    layer.set_train(True)
+    expected = layer(Tensor(sub_hidden), Tensor(sub_bias.astype(np.float32)), Tensor(p))[0].asnumpy()
+    from_zero = layer(Tensor(sub_hidden), Tensor(sub_bias.astype(np.float32)),
+                      Tensor(np.broadcast_to(np.arange(kept, dtype=np.int32), (B, kept)).copy()))[0].asnumpy()
+    assert not np.allclose(expected, from_zero, atol=1e-2)  # the positions matter to this layer
+    for b in range(B):
+        np.testing.assert_allclose(out[b, p[b]], expected[b], rtol=1e-5, atol=1e-5)
+        dropped = np.setdiff1d(np.arange(S), p[b])
+        np.testing.assert_array_equal(out[b, dropped], hidden[b, dropped])
+
+
+def test_algorithm_trains_llama(mode):
+    trainer = Trainer(tiny_llama(), lm_cross_entropy, lm_batch, 3, algorithms=[RandomLTD(2, S, 3, seq_per_step=2)],
+                      lr=1e-2, log_interval=0)
+    losses = [record["loss"] for record in trainer.fit()]
+    assert np.all(np.isfinite(losses)) and len(set(losses)) == len(losses)
+    assert trainer.compilations == 3  # kept 2, 4, 6

@@ -117,14 +117,16 @@ class TokenDraw(nn.Cell):
 
 
 class RandomLayerTokenDrop(LayerWrapper):
-    """Wraps a transformer layer ``layer(hidden_states, attention_bias) -> hidden | tuple``.
+    """Wraps a transformer layer ``layer(hidden_states, attention_bias, *per_token) -> hidden | tuple``.
 
     Training (``self.training``) with ``kept_length = r < seq_len``: draws ``r`` sorted random
     positions per sequence, runs the layer on those tokens with the bias among their real
     positions, and scatters the outputs back: the first output (the hidden states) into the input,
     other per-token outputs (leading dims equal to the kept tokens') into zeros; outputs that are
-    not per token (the layer's penalty scalar) pass unchanged. Evaluation, ``kept_length=None``,
-    or ``r >= seq_len`` (when ``skip_when_full``): the layer runs on all tokens.
+    not per token (the layer's penalty scalar) pass unchanged. Further inputs with one entry per
+    token (leading dims those of the hidden states, e.g. Llama's ``position_ids``) are taken at the
+    kept tokens; others pass unchanged. Evaluation, ``kept_length=None``, or ``r >= seq_len`` (when
+    ``skip_when_full``): the layer runs on all tokens.
 
     Parameter names stay those of the unwrapped model (``LayerWrapper``), so a converted model
     saves and loads its checkpoints as it is. ``batch_first=False`` takes (seq, batch, hidden) states. ``kept_length`` is a Python int:
@@ -159,18 +161,27 @@ class RandomLayerTokenDrop(LayerWrapper):
             return sorted_topk_positions(draw.scores, kept)
         return sorted_topk_positions(ops.rand(batch, seq), kept)
 
-    def construct(self, hidden_states, attention_bias):
+    def construct(self, hidden_states, attention_bias, *per_token):
         seq_axis = 1 if self.batch_first else 0
         seq = hidden_states.shape[seq_axis]
         if not self.training or self.kept_length is None:
-            return self.layer(hidden_states, attention_bias)
+            return self.layer(hidden_states, attention_bias, *per_token)
         if self.kept_length >= seq and self.skip_when_full:
-            return self.layer(hidden_states, attention_bias)
+            return self.layer(hidden_states, attention_bias, *per_token)
         kept = min(self.kept_length, seq)
         batch = hidden_states.shape[1 - seq_axis]
         positions = self._positions(batch, seq, kept)
+        # further inputs with one entry per token (Llama's position_ids, from which its rotary
+        # angles come) are taken at the kept tokens, so those keep their real positions
+        token_dims = (batch, seq) if self.batch_first else (seq, batch)
+        extra = ()
+        for value in per_token:
+            if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[:2] == token_dims:
+                extra = extra + (gather_tokens(value, positions, self.batch_first),)
+            else:
+                extra = extra + (value,)
         outputs = self.layer(gather_tokens(hidden_states, positions, self.batch_first),
-                             kept_attention_bias(attention_bias, positions, seq))
+                             kept_attention_bias(attention_bias, positions, seq), *extra)
         if not isinstance(outputs, (tuple, list)):
             return scatter_tokens(hidden_states, outputs, positions, self.batch_first)
         restored = (scatter_tokens(hidden_states, outputs[0], positions, self.batch_first),)
