@@ -441,3 +441,26 @@ def test_algorithm_under_model_train_callback(mode):
     assert [event for _, event, _ in callback.engine.trace].count("batch_start") == 4
     assert len(losses) == 4 and np.all(np.isfinite(losses))
     assert train_with_model_train(seed=2)[0] != losses
+
+
+def test_wrapper_passes_further_inputs_to_a_llama_layer(mode):
+    """A layer with a third input (Llama's position_ids) gets it through the wrapper: with host
+    noise 0 the layer runs (scaled by 1/p), with noise 1 it is skipped."""
+    from ms_prune.models.llama import LlamaConfig, LlamaForCausalLM
+    ms.set_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16))
+    layer = model.transformer_layers()[1]
+    pld = ProgressiveLayerDrop()
+    pld.set_theta(0.5)  # p_2 = 0.5
+    noise = ms.Parameter(Tensor(np.zeros(2, np.float32)), name="noise", requires_grad=False)
+    wrapped = PLDLayer(layer, 2, 2, pld.theta_parameter, noise=noise)
+    x = Tensor(np.random.default_rng(0).normal(size=(2, 8, 16)).astype(np.float32))
+    bias = Tensor(np.zeros((2, 1, 8, 8), np.float32))
+    positions = Tensor(np.broadcast_to(np.arange(8, dtype=np.int32), (2, 8)).copy())
+    full = layer(x, bias, positions)[0].asnumpy()
+    wrapped.set_train(True)
+    np.testing.assert_allclose(wrapped(x, bias, positions)[0].asnumpy(), x.asnumpy() + (full - x.asnumpy()) / 0.5,
+                               rtol=1e-4, atol=1e-5)
+    write_parameter(noise, [1.0, 1.0])
+    np.testing.assert_array_equal(wrapped(x, bias, positions)[0].asnumpy(), x.asnumpy())

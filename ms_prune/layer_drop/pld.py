@@ -122,7 +122,7 @@ class ProgressiveLayerDrop(Callback):
 
 
 class PLDLayer(LayerWrapper):
-    """Wraps a pre-LN transformer layer ``(hidden, attention_bias) -> (hidden, penalty)``.
+    """Wraps a pre-LN transformer layer ``(hidden, attention_bias, *extra) -> (hidden, penalty)``.
 
     ``index`` is the 1-based position l of the layer among ``num_layers``; ``theta`` the shared
     theta Parameter (``ProgressiveLayerDrop.theta_parameter``).
@@ -168,16 +168,17 @@ class PLDLayer(LayerWrapper):
     def keep_probability(self):
         return 1.0 - self.depth_fraction * (1.0 - self.pld_theta)
 
-    def construct(self, hidden_states, attention_bias):
+    def construct(self, hidden_states, attention_bias, *extra):
+        # extra: further layer inputs, passed as they are (Llama's position_ids)
         if not self.training:
-            return self.layer(hidden_states, attention_bias)
+            return self.layer(hidden_states, attention_bias, *extra)
         keep = self.keep_probability()
         if self.host_noise:
             draw = self.pld_noise[self.index - 1]
         else:
             draw = self.uniform((1,))[0]
         if draw < keep:
-            output, penalty = self.layer(hidden_states, attention_bias)
+            output, penalty = self.layer(hidden_states, attention_bias, *extra)
             if self.count_runs:
                 ops.assign_add(self.runs, ops.ones((), ms.int32))
             return hidden_states + (output - hidden_states) / keep, penalty
