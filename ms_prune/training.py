@@ -93,6 +93,13 @@ def compiled_graph_count(step):
     return len(ms_compile_cache) + len(getattr(step, "compile_cache", ()))
 
 
+def lm_cross_entropy(logits, labels):
+    """Mean next-token cross-entropy of (batch, seq, vocab) logits against (batch, seq) labels: the
+    ``loss_fn`` of an ``ms_prune.engine.Trainer`` training a language model (module-level, so graph
+    mode can parse it)."""
+    return ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
 class LMLoss(nn.Cell):
     """Mean next-token cross-entropy of a model returning (batch, seq, vocab) logits; adds the
     model's penalty when it returns (logits, penalty)."""
@@ -105,7 +112,7 @@ class LMLoss(nn.Cell):
     def construct(self, input_ids, labels):
         outputs = self.model(input_ids)
         logits = outputs[0] if self.with_penalty else outputs
-        loss = ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        loss = lm_cross_entropy(logits, labels)
         if self.with_penalty:
             return loss + outputs[1]
         return loss

@@ -10,11 +10,13 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn
 
-from ms_prune.layer_drop import (PLDLayer, ProgressiveLayerDrop, convert_to_pld, expected_layers_run,
-                                 keep_probabilities, pld_layers, pld_theta, remove_pld)
+from ms_prune.engine import AlgorithmCallback, Trainer
+from ms_prune.layer_drop import (PLDLayer, ProgressiveLayerDrop, ProgressiveLayerDropping, apply_progressive_layer_drop,
+                                 convert_to_pld, expected_layers_run, keep_probabilities, pld_layers, pld_noise,
+                                 pld_theta, remove_pld, remove_progressive_layer_drop)
 from ms_prune.models.bert import BertConfig, BertForSequenceClassification, BertModel
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from ms_prune.training import LMLoss, make_train_step, set_context
+from ms_prune.training import LMLoss, make_train_step, set_context, write_parameter
 
 from conftest import run_two_workers
 
@@ -62,16 +64,16 @@ def test_schedule_follows_the_formula(theta_bar, gamma):
 
 @pytest.mark.parametrize("kwargs,error", [
     (dict(theta=0.0), ValueError), (dict(theta=-0.5), ValueError), (dict(theta=1.5), ValueError),
-    (dict(theta=float("nan")), ValueError), (dict(theta="0.5"), TypeError), (dict(theta=True), TypeError),
-    (dict(gamma=-0.001), ValueError), (dict(gamma=float("inf")), ValueError), (dict(gamma=None), TypeError)])
+    (dict(theta=float("nan")), TypeError), (dict(theta="0.5"), TypeError), (dict(theta=True), TypeError),
+    (dict(gamma=-0.001), ValueError), (dict(gamma=float("inf")), TypeError), (dict(gamma=None), TypeError)])
 def test_bad_schedule_arguments_are_clear_errors(kwargs, error):
     with pytest.raises(error, match="theta" if "theta" in kwargs else "gamma"):
         ProgressiveLayerDrop(**kwargs)
 
 
-@pytest.mark.parametrize("step", [-1, 1.5, True])
-def test_bad_step_is_an_error(step):
-    with pytest.raises(ValueError, match="global_step"):
+@pytest.mark.parametrize("step,error", [(-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_bad_step_is_an_error(step, error):
+    with pytest.raises(error, match="global_step"):
         ProgressiveLayerDrop().update_state(step)
 
 
@@ -333,3 +335,132 @@ def test_data_parallel_two_workers(tmp_path):
     for rank in ranks:
         assert np.all(np.isfinite(rank["losses"]))
         assert rank["losses"][-1] < rank["losses"][0]
+
+
+# ---- host noise and the engine ------------------------------------------------------------------
+def test_host_noise_decides_which_layers_run(mode):
+    """With host noise, layer l runs exactly when noise[l - 1] < p_l: the written uniforms, not an
+    in-graph kernel, decide. The noise is not a parameter of the model."""
+    model = bert_model()
+    names = [name for name, _ in model.parameters_and_names()]
+    pld = convert_to_pld(model, count_runs=True, host_noise=True)
+    assert [name for name, _ in model.parameters_and_names()] == names
+    pld.set_theta(0.5)  # p = [0.875, 0.75, 0.625, 0.5]
+    model.set_train(True)
+    noise = pld_noise(model)
+    for uniforms, expected in (([0.9, 0.1, 0.7, 0.4], [0, 1, 0, 1]), ([0.0, 0.8, 0.6, 0.6], [1, 0, 1, 0]),
+                               ([0.9, 0.1, 0.7, 0.4], [0, 1, 0, 1])):
+        write_parameter(noise, uniforms)
+        before = runs(model)
+        model(ids())[0].asnumpy()
+        assert (runs(model) - before).tolist() == expected
+
+
+def test_functional_form_and_argument_errors():
+    model = bert_model(num_hidden_layers=2)
+    schedule = apply_progressive_layer_drop(model, theta=0.4, gamma=0.01, seed=3)
+    assert isinstance(schedule, ProgressiveLayerDrop) and schedule.theta_bar == 0.4
+    assert len(pld_layers(model)) == 2 and pld_noise(model) is None  # in-graph draws by default
+    remove_progressive_layer_drop(model)
+    assert not pld_layers(model)
+    with pytest.raises(ValueError, match="no PLD layers"):
+        remove_progressive_layer_drop(model)
+    with pytest.raises(ValueError, match=r"apply_progressive_layer_drop: theta must be in \(0.0, 1.0\]"):
+        apply_progressive_layer_drop(model, theta=0.0)
+    with pytest.raises(ValueError, match="ProgressiveLayerDropping: gamma"):
+        ProgressiveLayerDropping(gamma=-1.0)
+    with pytest.raises(TypeError, match="ProgressiveLayerDropping: theta"):
+        ProgressiveLayerDropping(theta="0.5")
+    algorithm = ProgressiveLayerDropping(theta=0.5, gamma=0.01)
+    with pytest.raises(ValueError, match="differs"):
+        algorithm.load_state_dict(ProgressiveLayerDrop(theta=0.3, gamma=0.01).state_dict())
+
+
+def classification_batch(step):
+    rng = np.random.default_rng(step % 3)
+    inputs = rng.integers(0, 50, (4, 8)).astype(np.int32)
+    return inputs, (inputs[:, 0] % 2).astype(np.int32)
+
+
+def pld_trainer(max_steps, checkpoint_dir, **kwargs):
+    ms.set_seed(0)
+    model = BertForSequenceClassification(BertConfig(**{**BERT, "num_hidden_layers": 3}))
+    algorithm = ProgressiveLayerDropping(theta=0.3, gamma=0.5)
+    trainer = Trainer(model, nn.CrossEntropyLoss(), classification_batch, max_steps, algorithms=[algorithm],
+                      lr=1e-2, log_interval=0, checkpoint_dir=checkpoint_dir, **kwargs)
+    return trainer, algorithm
+
+
+def test_algorithm_under_trainer_trains_and_resumes_exactly(mode, tmp_path):
+    """Under the Trainer theta follows the schedule and the keep draws are the run's RNG draws, so
+    a run resumed from its step-3 checkpoint gives the uninterrupted run's losses."""
+    trainer, algorithm = pld_trainer(6, str(tmp_path), checkpoint_interval=3)
+    losses = [record["loss"] for record in trainer.fit()]
+    assert np.all(np.isfinite(losses)) and len(set(losses)) == len(losses)
+    assert algorithm.schedule.get_theta() == pytest.approx(pld_theta(5, 0.3, 0.5))
+    assert float(algorithm.schedule.theta_parameter.asnumpy()) == pytest.approx(pld_theta(5, 0.3, 0.5), rel=1e-6)
+    rng = np.random.default_rng(0)  # the Trainer's seed: one uniform per layer per step
+    uniforms = [rng.random(3) for _ in range(6)][-1]
+    np.testing.assert_allclose(pld_noise(trainer.state.model).asnumpy(), uniforms, rtol=1e-6)
+    assert pld_layers(trainer.state.model)  # FIT_END leaves the wrappers
+
+    resumed, _ = pld_trainer(6, str(tmp_path / "resumed"), resume_from=str(tmp_path / "step_3"))
+    assert [record["loss"] for record in resumed.fit()] == losses[3:]
+
+
+def train_with_model_train(seed, steps=4):
+    """Model.train (non-sink) of a 2-layer pre-LN BERT with PLD through AlgorithmCallback(seed)."""
+    import mindspore.dataset as ds
+    from mindspore.train import Callback, Model
+    ms.set_seed(0)
+    model = BertForSequenceClassification(BertConfig(**{**BERT, "num_hidden_layers": 2}))
+    algorithm = ProgressiveLayerDropping(theta=0.3, gamma=0.5)
+    callback = AlgorithmCallback(model, [algorithm], seed=seed)
+    assert len(pld_layers(model)) == 2
+    losses = []
+
+    class Record(Callback):
+        def on_train_step_end(self, run_context):
+            losses.append(float(run_context.original_args().net_outputs.asnumpy()))
+
+    data = ds.GeneratorDataset([classification_batch(t) for t in range(steps)], ["ids", "labels"], shuffle=False)
+    trainer = Model(model, nn.CrossEntropyLoss(), nn.AdamWeightDecay(model.trainable_params(), 1e-3))
+    trainer.train(1, data, callbacks=[callback, Record()], dataset_sink_mode=False)
+    return losses, algorithm, callback, model
+
+
+def test_algorithm_under_model_train_callback(mode):
+    """In mindspore's Model.train (one compiled graph for the run), AlgorithmCallback writes theta
+    and the keep draws before every step, and the compiled graph follows them: the same run with
+    another seed (same weights, same data) drops other layers and gives other losses."""
+    losses, algorithm, callback, model = train_with_model_train(seed=1)
+    assert algorithm.schedule.global_step == 3
+    assert float(algorithm.schedule.theta_parameter.asnumpy()) == pytest.approx(pld_theta(3, 0.3, 0.5), rel=1e-6)
+    rng = np.random.default_rng(1)
+    np.testing.assert_allclose(pld_noise(model).asnumpy(), [rng.random(2) for _ in range(4)][-1], rtol=1e-6)
+    assert [event for _, event, _ in callback.engine.trace].count("batch_start") == 4
+    assert len(losses) == 4 and np.all(np.isfinite(losses))
+    assert train_with_model_train(seed=2)[0] != losses
+
+
+def test_wrapper_passes_further_inputs_to_a_llama_layer(mode):
+    """A layer with a third input (Llama's position_ids) gets it through the wrapper: with host
+    noise 0 the layer runs (scaled by 1/p), with noise 1 it is skipped."""
+    from ms_prune.models.llama import LlamaConfig, LlamaForCausalLM
+    ms.set_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16))
+    layer = model.transformer_layers()[1]
+    pld = ProgressiveLayerDrop()
+    pld.set_theta(0.5)  # p_2 = 0.5
+    noise = ms.Parameter(Tensor(np.zeros(2, np.float32)), name="noise", requires_grad=False)
+    wrapped = PLDLayer(layer, 2, 2, pld.theta_parameter, noise=noise)
+    x = Tensor(np.random.default_rng(0).normal(size=(2, 8, 16)).astype(np.float32))
+    bias = Tensor(np.zeros((2, 1, 8, 8), np.float32))
+    positions = Tensor(np.broadcast_to(np.arange(8, dtype=np.int32), (2, 8)).copy())
+    full = layer(x, bias, positions)[0].asnumpy()
+    wrapped.set_train(True)
+    np.testing.assert_allclose(wrapped(x, bias, positions)[0].asnumpy(), x.asnumpy() + (full - x.asnumpy()) / 0.5,
+                               rtol=1e-4, atol=1e-5)
+    write_parameter(noise, [1.0, 1.0])
+    np.testing.assert_array_equal(wrapped(x, bias, positions)[0].asnumpy(), x.asnumpy())

@@ -4,13 +4,16 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from ms_prune.data import lm_batch_fn
+from ms_prune.engine import AlgorithmCallback, Trainer
 from ms_prune.models.bert import BertConfig, BertModel
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from ms_prune.models.modeling_utils import MASK_VALUE
 from ms_prune.token_drop import (LayerTokenLR, RandomLayerTokenDrop, RandomLTD, RandomLTDScheduler, TokenDraw,
                                  convert_to_random_ltd, forward_flops_with_ltd, kept_attention_bias,
-                                 random_ltd_layers, revert_random_ltd, set_learning_rate)
-from ms_prune.training import LMLoss
+                                 apply_random_ltd, random_ltd_layers, revert_random_ltd, set_learning_rate,
+                                 token_draws)
+from ms_prune.training import LMLoss, lm_cross_entropy, write_parameter
 
 B, S = 2, 8
 
@@ -378,3 +381,170 @@ def test_converted_model_checkpoints_keep_their_names(tmp_path):
     plain = GPT2LMHeadModel.from_pretrained(str(tmp_path))  # strict: every tensor placed
     for (name, a), (_, b) in zip(model.parameters_and_names(), plain.parameters_and_names()):
         np.testing.assert_array_equal(a.asnumpy(), b.asnumpy(), err_msg=name)
+
+
+# ------------------------------------------------------------------------------------------ host noise, engine
+@pytest.mark.parametrize("share", [True, False])
+def test_host_noise_scores_choose_the_tokens(mode, share):
+    """With host noise no wrapper draws in the graph: the scores written before the step choose
+    the kept tokens (top-3 of each row), in every wrapper that reads them."""
+    model = Stack(5)
+    wrappers, _ = apply_random_ltd(model, 3, 3, 1, layer_ids=[1, 2, 3], layer_class="AddOne", share_draw=share,
+                                   host_noise=True)
+    draws = token_draws(wrappers)
+    assert len(draws) == (1 if share else 3) and all(d.host_noise for d in draws)
+    rng = np.random.default_rng(7)
+    scores = [rng.random((4, S)) for _ in draws]
+    for wrapper in wrappers:
+        wrapper.set_kept_length(3)
+    for draw, written in zip(draws, scores):
+        draw.use_shape(4, S)
+        write_parameter(draw.scores, written)
+    model.set_train(True)
+    added = model(Tensor(np.zeros((4, S, 2), np.float32))).asnumpy()[..., 0] - 2  # layers 0, 4 are full
+    expected = np.zeros((4, S))
+    for layer in range(3):
+        written = scores[layer if not share else 0]
+        for row in range(4):
+            expected[row, top_positions(written, 3)[row]] += 1
+    np.testing.assert_array_equal(added, expected)
+    for draw, written in zip(draws, scores):  # nobody overwrote the scores in the graph
+        np.testing.assert_allclose(draw.scores.asnumpy(), written, rtol=1e-6)
+
+
+lm_batch = lm_batch_fn(np.random.default_rng(0).integers(0, 40, 200).astype(np.int32), B, S, seed=0)
+
+
+def ltd_trainer(max_steps, checkpoint_dir, **kwargs):
+    model = tiny_gpt2(n_layer=3)
+    # kept length t + 2 rounded down to even: [2, 2, 4, 4, 6, 6] then 8 = S
+    algorithm = RandomLTD(min_value=2, max_value=S, require_steps=6, seq_per_step=2, layer_ids=[1],
+                          lr_schedule=LayerTokenLR(1e-2, total_layer_tokens=400, warmup_layer_tokens=50))
+    trainer = Trainer(model, lm_cross_entropy, lm_batch, max_steps, algorithms=[algorithm], log_interval=0,
+                      checkpoint_dir=checkpoint_dir, **kwargs)
+    return trainer, algorithm
+
+
+def test_algorithm_under_trainer_compiles_per_kept_length_and_resumes_exactly(mode, tmp_path):
+    """One compiled step per distinct kept length; the token scores are the run's RNG draws and the
+    learning rate follows the layer-tokens, so the run resumed from its step-3 checkpoint (kept
+    length 4 < 8 next: tokens are dropped) gives the uninterrupted run's losses."""
+    trainer, algorithm = ltd_trainer(6, str(tmp_path), checkpoint_interval=3)
+    losses = [record["loss"] for record in trainer.fit()]
+    assert np.all(np.isfinite(losses)) and len(set(losses)) == len(losses)
+    assert trainer.compilations == len(algorithm.scheduler.distinct_lengths(6)) == 3
+    assert algorithm.scheduler.current_step == 6
+    last_step_tokens = B * (2 * S + 6)
+    assert float(trainer.state.optimizer.learning_rate.asnumpy()) == pytest.approx(
+        algorithm.lr_schedule(algorithm.scheduler.consumed_layer_tokens - last_step_tokens), rel=1e-6)
+    rng = np.random.default_rng(0)  # the Trainer's seed: one (batch, seq) draw per step
+    np.testing.assert_allclose(algorithm.draws[0].scores.asnumpy(), [rng.random((B, S)) for _ in range(6)][-1],
+                               rtol=1e-6)
+    assert random_ltd_layers(trainer.state.model)  # FIT_END leaves the wrappers
+
+    resumed, _ = ltd_trainer(6, str(tmp_path / "resumed"), resume_from=str(tmp_path / "step_3"))
+    assert [record["loss"] for record in resumed.fit()] == losses[3:]
+    assert resumed.compilations == 2  # kept lengths 4 and 6
+
+
+def test_algorithm_is_refused_by_model_train_and_checks_arguments():
+    model = tiny_gpt2(n_layer=3)
+    with pytest.raises(ValueError, match="RandomLTD.*Trainer"):
+        AlgorithmCallback(model, [RandomLTD(2, S, 4)])
+    assert not random_ltd_layers(model)  # refused before any surgery
+    with pytest.raises(ValueError, match="RandomLTD: max_value"):
+        RandomLTD(min_value=8, max_value=4, require_steps=4)
+    with pytest.raises(TypeError, match="RandomLTD: require_steps"):
+        RandomLTD(2, 8, 4.0)
+    with pytest.raises(TypeError, match="RandomLTD: lr_schedule"):
+        RandomLTD(2, 8, 4, lr_schedule=0.1)
+    with pytest.raises(TypeError, match="RandomLTD: share_draw"):
+        RandomLTD(2, 8, 4, share_draw="yes")
+    with pytest.raises(ValueError, match=r"RandomLTD: layer_ids\[1\] must be an int in \[0, inf\], got -1"):
+        RandomLTD(2, 8, 4, layer_ids=[1, -1])
+    with pytest.raises(TypeError, match="RandomLTD: layer_ids must be None, an int or a list"):
+        RandomLTD(2, 8, 4, layer_ids=1.5)
+
+
+class DenseBlock(nn.Cell):
+    """A layer of a model that is not ours: one tensor out, no penalty."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Dense(8, 8)
+
+    def construct(self, hidden, bias):
+        return hidden + ops.tanh(self.dense(hidden))
+
+
+class TinyLM(nn.Cell):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(40, 8)
+        self.blocks = nn.CellList([DenseBlock() for _ in range(3)])
+        self.head = nn.Dense(8, 40)
+
+    def construct(self, ids):
+        hidden = self.embed(ids)
+        for block in self.blocks:
+            hidden = block(hidden, None)
+        return self.head(hidden)
+
+
+def test_algorithm_trains_a_model_that_is_not_ours(mode):
+    """The layers are found by class name (no transformer_layers()); the Trainer trains it."""
+    ms.set_seed(0)
+    model = TinyLM()
+    algorithm = RandomLTD(min_value=2, max_value=S, require_steps=4, seq_per_step=2, layer_class="DenseBlock")
+    trainer = Trainer(model, lm_cross_entropy, lm_batch, 4, algorithms=[algorithm], lr=1e-2, log_interval=0)
+    losses = [record["loss"] for record in trainer.fit()]
+    assert len(algorithm.wrappers) == 1 and isinstance(model.blocks[1], RandomLayerTokenDrop)
+    assert np.all(np.isfinite(losses)) and len(set(losses)) == len(losses)
+    assert trainer.compilations == len(algorithm.scheduler.distinct_lengths(4)) == 3  # kept 2, 2, 4, 6
+
+
+def tiny_llama(layers=3):
+    from ms_prune.models.llama import LlamaConfig, LlamaForCausalLM
+    ms.set_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16))
+
+
+def test_rotary_layer_gets_the_kept_tokens_real_positions(mode):
+    """A Llama layer (rotary angles from position_ids) run on the kept tokens sees their real
+    positions and the causal bias among them: exactly the layer on that sub-sequence. DeepSpeed
+    gives rotary models positions 0..r-1 instead."""
+    rng = np.random.default_rng(8)
+    layer = tiny_llama().transformer_layers()[0]
+    for name, param in layer.parameters_and_names():  # sharp attention, so positions show in the output
+        if "q_proj" in name or "k_proj" in name:
+            param.set_data(param * 40.0)
+    hidden = rng.normal(size=(B, S, 16)).astype(np.float32)
+    bias = ((1 - np.tril(np.ones((S, S), np.float32)))[None, None] * MASK_VALUE).repeat(B, 0)
+    position_ids = np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy()
+    scores = rng.random((B, S))
+    kept = 5
+    wrapper = RandomLayerTokenDrop(layer, kept_length=kept)
+    wrapper.share_draw(fixed_draw(scores), draws=False)
+    wrapper.set_train(True)
+    out = wrapper(Tensor(hidden), Tensor(bias), Tensor(position_ids))[0].asnumpy()
+    p = top_positions(scores, kept).astype(np.int32)
+    sub_bias = np.stack([(1 - (p[b][:, None] >= p[b][None, :])) * MASK_VALUE for b in range(B)])[:, None]
+    sub_hidden = np.stack([hidden[b, p[b]] for b in range(B)])
+    layer.set_train(True)
+    expected = layer(Tensor(sub_hidden), Tensor(sub_bias.astype(np.float32)), Tensor(p))[0].asnumpy()
+    from_zero = layer(Tensor(sub_hidden), Tensor(sub_bias.astype(np.float32)),
+                      Tensor(np.broadcast_to(np.arange(kept, dtype=np.int32), (B, kept)).copy()))[0].asnumpy()
+    assert not np.allclose(expected, from_zero, atol=1e-2)  # the positions matter to this layer
+    for b in range(B):
+        np.testing.assert_allclose(out[b, p[b]], expected[b], rtol=1e-5, atol=1e-5)
+        dropped = np.setdiff1d(np.arange(S), p[b])
+        np.testing.assert_array_equal(out[b, dropped], hidden[b, dropped])
+
+
+def test_algorithm_trains_llama(mode):
+    trainer = Trainer(tiny_llama(), lm_cross_entropy, lm_batch, 3, algorithms=[RandomLTD(2, S, 3, seq_per_step=2)],
+                      lr=1e-2, log_interval=0)
+    losses = [record["loss"] for record in trainer.fit()]
+    assert np.all(np.isfinite(losses)) and len(set(losses)) == len(losses)
+    assert trainer.compilations == 3  # kept 2, 4, 6

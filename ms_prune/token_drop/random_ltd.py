@@ -4,24 +4,29 @@ In training, a wrapped transformer layer sees only ``r`` tokens per sequence, dr
 kept in their original order; the other tokens bypass the layer unchanged. The layer really runs
 on ``(batch, r, hidden)`` tensors, so its cost falls with ``r`` (attention with ``r**2``).
 
-Graph mode needs static shapes, so ``r`` is a Python int frozen into each compiled graph:
-:class:`RandomLTDTrainStep` keeps one compiled step per distinct kept length (and batch shape),
-which bounds compilations by :meth:`RandomLTDScheduler.distinct_lengths`.
+Graph mode needs static shapes, so ``r`` is a Python int frozen into each compiled graph: the
+engine's ``Trainer`` (with the :class:`RandomLTD` algorithm) or :class:`RandomLTDTrainStep` keeps
+one compiled step per distinct kept length (and batch shape), which bounds compilations by
+:meth:`RandomLTDScheduler.distinct_lengths`.
+
+Composer form: :func:`apply_random_ltd` / :func:`revert_random_ltd` and the :class:`RandomLTD`
+algorithm, which draws the token scores on the host from the run's saved RNG (resumable); the
+functional form draws them in the graph by default.
 """
 import numbers
 
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from ms_prune.engine import Algorithm, Event
 from ms_prune.models.modeling_utils import Conv1D, HeadPrunableAttention, LayerWrapper, Linear
-from ms_prune.training import compiled_graph_count, make_train_step
+from ms_prune.training import compiled_graph_count, make_train_step, write_parameter
+from ms_prune.validation import check_bool, check_instance, check_int
 
-from .scheduler import RandomLTDScheduler, set_learning_rate
+from .scheduler import RandomLTDScheduler, check_schedule, set_learning_rate
 
-__all__ = ["RandomLayerTokenDrop", "TokenDraw", "convert_to_random_ltd", "revert_random_ltd",
-           "random_ltd_layers", "gather_tokens", "scatter_tokens", "kept_attention_bias",
-           "RandomLTDTrainStep", "make_random_ltd_train_step", "apply_random_ltd", "RandomLTD",
-           "forward_flops_with_ltd"]
+# The Composer form; the older names below stay importable from this module and the package.
+__all__ = ["RandomLTD", "apply_random_ltd", "revert_random_ltd"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -81,18 +86,23 @@ def sorted_topk_positions(scores, kept):
 class TokenDraw(nn.Cell):
     """One random draw per step shared by the wrappers that hold it.
 
-    The first wrapper of the group (``draws=True``) writes fresh uniform scores into ``scores``;
-    the later ones read them, so all take the same top-r positions (nested sets when their kept
-    lengths differ). ``scores`` has a static shape: :meth:`use_shape` selects (or creates) the
-    buffer for a batch shape before a graph is compiled; each compiled graph keeps the buffer
-    it was built with. Wrappers whose input shape does not match draw on their own.
+    In-graph (default): the first wrapper of the group (``draws=True``) writes fresh uniform scores
+    into ``scores``; the later ones read them, so all take the same top-r positions (nested sets
+    when their kept lengths differ). ``host_noise=True``: no wrapper draws; the scores are written
+    on the host before every step (``write_parameter``; the :class:`RandomLTD` algorithm writes them
+    from the run's saved RNG, so a resumed run keeps the tokens the uninterrupted run kept).
+
+    ``scores`` has a static shape: :meth:`use_shape` selects (or creates) the buffer for a batch
+    shape before a graph is compiled; each compiled graph keeps the buffer it was built with.
+    Wrappers whose input shape does not match draw on their own, in the graph.
 
     Wrappers hold this Cell unregistered, so its buffers are not model parameters: they are not
     trained, counted or saved.
     """
 
-    def __init__(self):
+    def __init__(self, host_noise=False):
         super().__init__()
+        self.host_noise = check_bool("TokenDraw", "host_noise", host_noise)
         self._buffers = {}
         self.scores = self._buffer((1, 1))
 
@@ -107,14 +117,16 @@ class TokenDraw(nn.Cell):
 
 
 class RandomLayerTokenDrop(LayerWrapper):
-    """Wraps a transformer layer ``layer(hidden_states, attention_bias) -> hidden | tuple``.
+    """Wraps a transformer layer ``layer(hidden_states, attention_bias, *per_token) -> hidden | tuple``.
 
     Training (``self.training``) with ``kept_length = r < seq_len``: draws ``r`` sorted random
     positions per sequence, runs the layer on those tokens with the bias among their real
     positions, and scatters the outputs back: the first output (the hidden states) into the input,
     other per-token outputs (leading dims equal to the kept tokens') into zeros; outputs that are
-    not per token (the layer's penalty scalar) pass unchanged. Evaluation, ``kept_length=None``,
-    or ``r >= seq_len`` (when ``skip_when_full``): the layer runs on all tokens.
+    not per token (the layer's penalty scalar) pass unchanged. Further inputs with one entry per
+    token (leading dims those of the hidden states, e.g. Llama's ``position_ids``) are taken at the
+    kept tokens; others pass unchanged. Evaluation, ``kept_length=None``, or ``r >= seq_len`` (when
+    ``skip_when_full``): the layer runs on all tokens.
 
     Parameter names stay those of the unwrapped model (``LayerWrapper``), so a converted model
     saves and loads its checkpoints as it is. ``batch_first=False`` takes (seq, batch, hidden) states. ``kept_length`` is a Python int:
@@ -123,49 +135,53 @@ class RandomLayerTokenDrop(LayerWrapper):
 
     def __init__(self, layer, kept_length=None, batch_first=True, skip_when_full=True):
         super().__init__(layer)
-        if not isinstance(batch_first, bool) or not isinstance(skip_when_full, bool):
-            raise TypeError(f"batch_first and skip_when_full must be bool, got {batch_first!r}, {skip_when_full!r}")
-        self.batch_first = batch_first
-        self.skip_when_full = skip_when_full
+        self.batch_first = check_bool("RandomLayerTokenDrop", "batch_first", batch_first)
+        self.skip_when_full = check_bool("RandomLayerTokenDrop", "skip_when_full", skip_when_full)
         self.kept_length = None
         self.set_kept_length(kept_length)
         self.draws = True
         object.__setattr__(self, "token_draw", None)
 
     def set_kept_length(self, kept_length):
-        if kept_length is not None and (isinstance(kept_length, bool) or not isinstance(kept_length, numbers.Integral)
-                                        or kept_length < 1):
-            raise ValueError(f"kept_length must be None (keep all) or an int >= 1, got {kept_length!r}")
-        self.kept_length = None if kept_length is None else int(kept_length)
+        """None keeps every token."""
+        self.kept_length = check_int("RandomLayerTokenDrop", "kept_length", kept_length, minimum=1, allow_none=True)
 
     def share_draw(self, token_draw, draws):
         """Take positions from ``token_draw`` (a :class:`TokenDraw`, or None for an own draw);
         ``draws``: this wrapper is the group's first and draws for the step."""
-        if token_draw is not None and not isinstance(token_draw, TokenDraw):
-            raise TypeError(f"token_draw must be a TokenDraw or None, got {type(token_draw).__name__}")
+        check_instance("RandomLayerTokenDrop.share_draw", "token_draw", token_draw, TokenDraw, allow_none=True)
         object.__setattr__(self, "token_draw", token_draw)
         self.draws = bool(draws)
 
     def _positions(self, batch, seq, kept):
         draw = self.token_draw
         if draw is not None and draw.scores.shape == (batch, seq):
-            if self.draws:
+            if self.draws and not draw.host_noise:
                 ops.assign(draw.scores, ops.rand(batch, seq))
             return sorted_topk_positions(draw.scores, kept)
         return sorted_topk_positions(ops.rand(batch, seq), kept)
 
-    def construct(self, hidden_states, attention_bias):
+    def construct(self, hidden_states, attention_bias, *per_token):
         seq_axis = 1 if self.batch_first else 0
         seq = hidden_states.shape[seq_axis]
         if not self.training or self.kept_length is None:
-            return self.layer(hidden_states, attention_bias)
+            return self.layer(hidden_states, attention_bias, *per_token)
         if self.kept_length >= seq and self.skip_when_full:
-            return self.layer(hidden_states, attention_bias)
+            return self.layer(hidden_states, attention_bias, *per_token)
         kept = min(self.kept_length, seq)
         batch = hidden_states.shape[1 - seq_axis]
         positions = self._positions(batch, seq, kept)
+        # further inputs with one entry per token (Llama's position_ids, from which its rotary
+        # angles come) are taken at the kept tokens, so those keep their real positions
+        token_dims = (batch, seq) if self.batch_first else (seq, batch)
+        extra = ()
+        for value in per_token:
+            if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[:2] == token_dims:
+                extra = extra + (gather_tokens(value, positions, self.batch_first),)
+            else:
+                extra = extra + (value,)
         outputs = self.layer(gather_tokens(hidden_states, positions, self.batch_first),
-                             kept_attention_bias(attention_bias, positions, seq))
+                             kept_attention_bias(attention_bias, positions, seq), *extra)
         if not isinstance(outputs, (tuple, list)):
             return scatter_tokens(hidden_states, outputs, positions, self.batch_first)
         restored = (scatter_tokens(hidden_states, outputs[0], positions, self.batch_first),)
@@ -227,14 +243,18 @@ def random_ltd_layers(model):
 
 
 def convert_to_random_ltd(model, layer_ids=None, layer_class=None, kept_length=None, batch_first=True,
-                          share_draw=True):
+                          share_draw=True, host_noise=False):
     """Wrap layers of ``model`` in :class:`RandomLayerTokenDrop`; returns the wrappers.
 
     ``layer_ids``: indices among the model's layers (ours: ``model.transformer_layers()``; other
     models: the Cells of class ``layer_class``, in model order); default all but the first and
     the last, which the paper keeps full. ``share_draw``: one random draw per step shared by the
-    wrapped layers (else each layer draws its own, as DeepSpeed does).
+    wrapped layers (else each layer draws its own, as DeepSpeed does). ``host_noise``: the scores
+    are not drawn in the graph but written before every step into the :class:`TokenDraw` buffers
+    (one shared, or one per wrapper without ``share_draw``; see :func:`token_draws`).
     """
+    check_bool("convert_to_random_ltd", "share_draw", share_draw)
+    check_bool("convert_to_random_ltd", "host_noise", host_noise)
     slots = _layer_slots(model, layer_class)
     count = len(slots)
     if any(isinstance(layer, RandomLayerTokenDrop) for _, _, layer in slots) or random_ltd_layers(model):
@@ -250,12 +270,15 @@ def convert_to_random_ltd(model, layer_ids=None, layer_class=None, kept_length=N
         raise ValueError(f"layer_ids {bad} are not layer indices: the model has layers 0..{count - 1}")
     if len(set(layer_ids)) != len(layer_ids) or not layer_ids:
         raise ValueError(f"layer_ids must be distinct and non-empty, got {layer_ids}")
-    draw = TokenDraw() if share_draw else None
+    shared = TokenDraw(host_noise) if share_draw else None
     wrappers = []
     for n, i in enumerate(sorted(int(i) for i in layer_ids)):
         container, key, layer = slots[i]
         wrapper = RandomLayerTokenDrop(layer, kept_length=kept_length, batch_first=batch_first)
-        wrapper.share_draw(draw, draws=n == 0)
+        if share_draw:
+            wrapper.share_draw(shared, draws=n == 0)
+        elif host_noise:  # each layer its own scores, still written from the host
+            wrapper.share_draw(TokenDraw(host_noise=True), draws=True)
         wrapper.set_train(model.training)  # a new Cell starts in eval mode; keep the model's mode
         _set_slot(container, key, wrapper)
         wrappers.append(wrapper)
@@ -263,8 +286,17 @@ def convert_to_random_ltd(model, layer_ids=None, layer_class=None, kept_length=N
     return wrappers
 
 
+def token_draws(wrappers):
+    """The distinct :class:`TokenDraw` objects of ``wrappers``, in wrapper order."""
+    draws = []
+    for wrapper in wrappers:
+        if wrapper.token_draw is not None and all(wrapper.token_draw is not d for d in draws):
+            draws.append(wrapper.token_draw)
+    return draws
+
+
 def revert_random_ltd(model):
-    """Put the wrapped layers back."""
+    """Put the wrapped layers back (the trained weights stay); returns the model."""
     reverted = 0
     for _, parent in list(model.cells_and_names()):
         for key, child in list(parent.name_cells().items()):
@@ -296,8 +328,26 @@ def forward_flops_with_ltd(model, seq_len, batch_size=1):
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
+def _batch_and_seq(shape, batch_first):
+    return (int(shape[0]), int(shape[1])) if batch_first else (int(shape[1]), int(shape[0]))
+
+
+def _prepare_step(wrappers, draws, scheduler, batch, seq, optimizer, lr_schedule):
+    """Set this step's kept length on the wrappers and the draw buffers' shape, and the learning
+    rate from ``lr_schedule``; returns the kept length (what the step's graph freezes)."""
+    kept = min(scheduler.kept_length(), seq)
+    for wrapper in wrappers:
+        wrapper.set_kept_length(kept)
+    for draw in draws:
+        draw.use_shape(batch, seq)
+    if lr_schedule is not None:
+        set_learning_rate(optimizer, lr_schedule(scheduler.consumed_layer_tokens))
+    return kept
+
+
 class RandomLTDTrainStep:
-    """A training step that sets each step's kept length from ``scheduler`` on the wrappers.
+    """A training step that sets each step's kept length from ``scheduler`` on the wrappers (the
+    pre-engine API; the :class:`RandomLTD` algorithm under ``ms_prune.engine.Trainer`` does the same).
 
     One compiled step (``make_train_step``) is kept per (kept length, batch shape, training flag):
     a new length compiles exactly once, a length seen before reuses its graph. ``compilations``
@@ -308,22 +358,19 @@ class RandomLTDTrainStep:
     """
 
     def __init__(self, model, loss_net, optimizer, scheduler, lr_schedule=None, jit=True, max_compilations=None):
-        if not isinstance(scheduler, RandomLTDScheduler):
-            raise TypeError(f"scheduler must be a RandomLTDScheduler, got {type(scheduler).__name__}")
+        owner = "RandomLTDTrainStep"
+        check_instance(owner, "scheduler", scheduler, RandomLTDScheduler)
         self.wrappers = random_ltd_layers(model)
         if not self.wrappers:
-            raise ValueError(f"{type(model).__name__} has no random-LTD layers: call convert_to_random_ltd first")
+            raise ValueError(f"{owner}: {type(model).__name__} has no random-LTD layers: call apply_random_ltd first")
         if scheduler.ltd_layers != len(self.wrappers):
-            raise ValueError(f"scheduler.ltd_layers is {scheduler.ltd_layers} but the model has "
+            raise ValueError(f"{owner}: scheduler.ltd_layers is {scheduler.ltd_layers} but the model has "
                              f"{len(self.wrappers)} random-LTD layers: layer-token counts would be wrong")
-        if max_compilations is not None and (isinstance(max_compilations, bool) or
-                                             not isinstance(max_compilations, int) or max_compilations < 1):
-            raise ValueError(f"max_compilations must be None or an int >= 1, got {max_compilations!r}")
+        self.max_compilations = check_int(owner, "max_compilations", max_compilations, minimum=1, allow_none=True)
         self.model, self.loss_net, self.optimizer = model, loss_net, optimizer
         self.scheduler, self.lr_schedule, self.jit = scheduler, lr_schedule, jit
-        self.max_compilations = max_compilations
         self.batch_first = self.wrappers[0].batch_first
-        self.draws = {w.token_draw for w in self.wrappers if w.token_draw is not None}
+        self.draws = token_draws(self.wrappers)
         self._steps = {}
         self.compilations = 0
 
@@ -331,19 +378,9 @@ class RandomLTDTrainStep:
     def step_keys(self):
         return sorted(self._steps, key=str)
 
-    def _shape(self, inputs):
-        shape = inputs[0].shape
-        return (shape[0], shape[1]) if self.batch_first else (shape[1], shape[0])
-
     def __call__(self, *inputs):
-        batch, seq = self._shape(inputs)
-        kept = min(self.scheduler.kept_length(), seq)
-        for wrapper in self.wrappers:
-            wrapper.set_kept_length(kept)
-        for draw in self.draws:
-            draw.use_shape(batch, seq)
-        if self.lr_schedule is not None:
-            set_learning_rate(self.optimizer, self.lr_schedule(self.scheduler.consumed_layer_tokens))
+        batch, seq = _batch_and_seq(inputs[0].shape, self.batch_first)
+        kept = _prepare_step(self.wrappers, self.draws, self.scheduler, batch, seq, self.optimizer, self.lr_schedule)
         key = (kept, tuple(tuple(x.shape) for x in inputs), bool(self.model.training))
         step = self._steps.get(key)
         if step is None:
@@ -364,45 +401,117 @@ def make_random_ltd_train_step(model, loss_net, optimizer, scheduler, lr_schedul
     return RandomLTDTrainStep(model, loss_net, optimizer, scheduler, lr_schedule, jit, max_compilations)
 
 
+# --------------------------------------------------------------------------------------------
+# The Composer form: functional twin and the algorithm
+# --------------------------------------------------------------------------------------------
 def apply_random_ltd(model, min_value, max_value, require_steps, seq_per_step=16, layer_ids=None,
-                     layer_class=None, batch_first=True, share_draw=True):
-    """Convert ``model`` and return ``(wrappers, scheduler)`` with the layer counts filled in."""
+                     layer_class=None, batch_first=True, share_draw=True, host_noise=False):
+    """Convert ``model`` in place and return ``(wrappers, scheduler)`` with the layer counts filled
+    in. Before each training step set ``scheduler.kept_length()`` on the wrappers (or train with
+    ``make_random_ltd_train_step``, or the :class:`RandomLTD` algorithm, which do it); scores are
+    drawn in the graph unless ``host_noise`` (see :func:`convert_to_random_ltd`)."""
+    min_value, max_value, require_steps, seq_per_step = check_schedule(
+        "apply_random_ltd", min_value, max_value, require_steps, seq_per_step)
     total = len(_layer_slots(model, layer_class))
-    wrappers = convert_to_random_ltd(model, layer_ids, layer_class, batch_first=batch_first, share_draw=share_draw)
+    wrappers = convert_to_random_ltd(model, layer_ids, layer_class, batch_first=batch_first, share_draw=share_draw,
+                                     host_noise=host_noise)
     scheduler = RandomLTDScheduler(min_value, max_value, require_steps, seq_per_step,
                                    total_layers=total, ltd_layers=len(wrappers))
     return wrappers, scheduler
 
 
-class RandomLTD:
-    """The algorithm as one object: ``apply(model)`` at set-up, ``train_step(...)`` to train.
+class RandomLTD(Algorithm):
+    """random-LTD for ``ms_prune.engine.Trainer``.
 
-    >>> ltd = RandomLTD(min_value=32, max_value=128, require_steps=1000)
-    >>> ltd.apply(model)
-    >>> step = ltd.train_step(LMLoss(model), optimizer)
+    INIT: wraps the layers (host noise; no ``structure_changed``: the trainer and ``AlgorithmCallback``
+    build every step after INIT). BATCH_START: this batch's kept length
+    ``min(scheduler.kept_length(), seq_len)`` on the wrappers (``graph_key``: the Trainer keeps one
+    compiled step per kept length), fresh token scores from the run's ``state.rng`` written into the
+    draw buffers (a resumed run keeps the tokens the uninterrupted run kept), and the learning rate
+    from ``lr_schedule(consumed_layer_tokens)`` (e.g. :class:`LayerTokenLR`; the optimizer needs one
+    constant float learning rate). AFTER_TRAIN_STEP: the scheduler counts the step. The wrappers stay
+    after FIT_END (evaluation runs every token); ``revert_random_ltd(model)`` unwraps.
+
+    Not for ``mindspore.train.Model.train`` (``runs_in_model_train = False``): a changing kept
+    length needs a new graph, and Model.train compiles one for the whole run.
+
+    The pre-engine use still works: ``ltd.apply(model)`` (in-graph draws), then
+    ``ltd.train_step(loss_net, optimizer)`` (a :class:`RandomLTDTrainStep`).
     """
 
+    changes_graph = True
+    runs_in_model_train = False
+
     def __init__(self, min_value, max_value, require_steps, seq_per_step=16, layer_ids=None, layer_class=None,
-                 batch_first=True, share_draw=True):
-        # validate now, not at apply time
-        RandomLTDScheduler(min_value, max_value, require_steps, seq_per_step)
+                 batch_first=True, share_draw=True, lr_schedule=None):
+        owner = self.name
+        check_schedule(owner, min_value, max_value, require_steps, seq_per_step)
+        check_instance(owner, "layer_class", layer_class, (type, str), allow_none=True)
+        if layer_ids is not None:  # their upper bound needs the model: checked again at conversion
+            ids = [layer_ids] if isinstance(layer_ids, numbers.Integral) else layer_ids
+            if not isinstance(ids, (list, tuple, range)):
+                raise TypeError(f"{owner}: layer_ids must be None, an int or a list of ints, "
+                                f"got {layer_ids!r} ({type(layer_ids).__name__})")
+            for i, layer_id in enumerate(ids):
+                check_int(owner, f"layer_ids[{i}]", layer_id, minimum=0)
+        if lr_schedule is not None and not callable(lr_schedule):
+            raise TypeError(f"{owner}: lr_schedule must be None or a function consumed_layer_tokens -> lr "
+                            f"(e.g. LayerTokenLR), got {type(lr_schedule).__name__}")
         self.kwargs = dict(min_value=min_value, max_value=max_value, require_steps=require_steps,
                            seq_per_step=seq_per_step, layer_ids=layer_ids, layer_class=layer_class,
-                           batch_first=batch_first, share_draw=share_draw)
-        self.model = self.wrappers = self.scheduler = None
+                           batch_first=check_bool(owner, "batch_first", batch_first),
+                           share_draw=check_bool(owner, "share_draw", share_draw))
+        self.lr_schedule = lr_schedule
+        self.model = self.scheduler = None
+        self.wrappers, self.draws = [], []
+        self._kept = self._shape = self._pending = None
 
-    def apply(self, model):
-        self.wrappers, self.scheduler = apply_random_ltd(model, **self.kwargs)
+    def _convert(self, model, host_noise):
+        self.wrappers, self.scheduler = apply_random_ltd(model, host_noise=host_noise, **self.kwargs)
+        self.draws = token_draws(self.wrappers)
         self.model = model
+        if self._pending is not None:
+            self.scheduler.load_state_dict(self._pending)
+            self._pending = None
         return model
 
+    def match(self, event, state):
+        return event in (Event.INIT, Event.BATCH_START, Event.AFTER_TRAIN_STEP)
+
+    def apply(self, event, state=None, logger=None):
+        if isinstance(event, nn.Cell) and state is None:
+            # the pre-engine API, ltd.apply(model): in-graph draws, as without a trainer nobody
+            # writes the scores before each step
+            return self._convert(event, host_noise=False)
+        if event == Event.INIT:
+            self._convert(state.model, host_noise=True)
+        elif event == Event.BATCH_START:
+            self._shape = _batch_and_seq(state.batch[0].shape, self.kwargs["batch_first"])
+            self._kept = _prepare_step(self.wrappers, self.draws, self.scheduler, *self._shape, state.optimizer,
+                                       self.lr_schedule)
+            for draw in self.draws:
+                write_parameter(draw.scores, state.rng.random(self._shape))
+        elif event == Event.AFTER_TRAIN_STEP:
+            self.scheduler.step(*self._shape)
+        return None
+
+    def graph_key(self, state):
+        return self._kept
+
     def train_step(self, loss_net, optimizer, lr_schedule=None, jit=True, max_compilations=None):
+        """The pre-engine training step (after ``apply(model)``): a :class:`RandomLTDTrainStep`."""
         if self.model is None:
             raise RuntimeError("RandomLTD.train_step: call apply(model) first")
         return RandomLTDTrainStep(self.model, loss_net, optimizer, self.scheduler, lr_schedule, jit, max_compilations)
 
     def state_dict(self):
-        return self.scheduler.state_dict()
+        return self.scheduler.state_dict() if self.scheduler is not None else dict(self._pending or {})
 
-    def load_state_dict(self, state):
-        self.scheduler.load_state_dict(state)
+    def load_state_dict(self, state_dict):
+        if self.scheduler is None:
+            self._pending = dict(state_dict)  # applied when the model is converted
+        else:
+            self.scheduler.load_state_dict(state_dict)
+
+    def __repr__(self):
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.kwargs.items())})"

@@ -1,15 +1,24 @@
 """How many tokens the random-LTD layers keep at each step, what training has consumed, and a
 learning rate driven by consumed layer-tokens."""
 import math
-import numbers
+
+from mindspore import Parameter
+
+from ms_prune.training import write_parameter
+from ms_prune.validation import check_choice, check_int, check_number
 
 __all__ = ["RandomLTDScheduler", "LayerTokenLR", "set_learning_rate"]
 
 
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return int(value)
+def check_schedule(owner, min_value, max_value, require_steps, seq_per_step):
+    """The kept-length schedule's arguments, checked on behalf of ``owner`` (the scheduler, or the
+    algorithm the user built); returns them as ints."""
+    min_value = check_int(owner, "min_value", min_value, minimum=1)
+    max_value = check_int(owner, "max_value", max_value, minimum=1)
+    if max_value < min_value:
+        raise ValueError(f"{owner}: max_value ({max_value}) must be >= min_value ({min_value})")
+    return (min_value, max_value, check_int(owner, "require_steps", require_steps, minimum=1),
+            check_int(owner, "seq_per_step", seq_per_step, minimum=1))
 
 
 class RandomLTDScheduler:
@@ -29,26 +38,21 @@ class RandomLTDScheduler:
 
     def __init__(self, min_value, max_value, require_steps, seq_per_step=16, total_layers=1, ltd_layers=0,
                  schedule_type="fixed_linear"):
-        self.min_value = _check_int("min_value", min_value, 1)
-        self.max_value = _check_int("max_value", max_value, 1)
-        if self.max_value < self.min_value:
-            raise ValueError(f"max_value ({max_value}) must be >= min_value ({min_value})")
-        self.require_steps = _check_int("require_steps", require_steps, 1)
-        self.seq_per_step = _check_int("seq_per_step", seq_per_step, 1)
-        self.total_layers = _check_int("total_layers", total_layers, 1)
-        self.ltd_layers = _check_int("ltd_layers", ltd_layers, 0)
+        owner = "RandomLTDScheduler"
+        self.min_value, self.max_value, self.require_steps, self.seq_per_step = check_schedule(
+            owner, min_value, max_value, require_steps, seq_per_step)
+        self.total_layers = check_int(owner, "total_layers", total_layers, minimum=1)
+        self.ltd_layers = check_int(owner, "ltd_layers", ltd_layers, minimum=0)
         if self.ltd_layers > self.total_layers:
-            raise ValueError(f"ltd_layers ({ltd_layers}) cannot exceed total_layers ({total_layers})")
-        if schedule_type not in self.schedule_types:
-            raise ValueError(f"schedule_type must be one of {self.schedule_types}, got {schedule_type!r}")
-        self.schedule_type = schedule_type
+            raise ValueError(f"{owner}: ltd_layers ({ltd_layers}) cannot exceed total_layers ({total_layers})")
+        self.schedule_type = check_choice(owner, "schedule_type", schedule_type, self.schedule_types)
         self.current_step = 0
         self.consumed_layer_tokens = 0
         self.consumed_tokens = 0
 
     def kept_length(self, step=None):
         """Kept tokens per sequence at ``step`` (default: the current step)."""
-        step = self.current_step if step is None else _check_int("step", step, 0)
+        step = self.current_step if step is None else check_int("RandomLTDScheduler.kept_length", "step", step, minimum=0)
         if step >= self.require_steps:
             return self.max_value
         value = math.floor(step / self.require_steps * (self.max_value - self.min_value) + self.min_value)
@@ -58,7 +62,7 @@ class RandomLTDScheduler:
     def distinct_lengths(self, num_steps=None):
         """The kept lengths steps 0..num_steps-1 use (default: the whole schedule). With one
         batch shape this is the number of graphs random-LTD compiles: it bounds the compilations."""
-        last = self.require_steps + 1 if num_steps is None else _check_int("num_steps", num_steps, 0)
+        last = self.require_steps + 1 if num_steps is None else check_int("RandomLTDScheduler.distinct_lengths", "num_steps", num_steps, minimum=0)
         return sorted({self.kept_length(t) for t in range(last)})
 
     def layer_tokens(self, batch_size, seq_len, kept_length):
@@ -68,8 +72,9 @@ class RandomLTDScheduler:
     def step(self, batch_size, seq_len=None):
         """Account for one training step of ``batch_size`` sequences and move to the next step.
         Returns the kept length that step used."""
-        batch_size = _check_int("batch_size", batch_size, 1)
-        seq_len = self.max_value if seq_len is None else _check_int("seq_len", seq_len, 1)
+        batch_size = check_int("RandomLTDScheduler.step", "batch_size", batch_size, minimum=1)
+        seq_len = self.max_value if seq_len is None else check_int("RandomLTDScheduler.step", "seq_len", seq_len,
+                                                                   minimum=1)
         kept = self.kept_length()
         self.consumed_layer_tokens += self.layer_tokens(batch_size, seq_len, kept)
         self.consumed_tokens += batch_size * seq_len
@@ -79,10 +84,11 @@ class RandomLTDScheduler:
     def planned_layer_tokens(self, num_steps, batch_size, seq_len=None):
         """Layer-tokens that steps current..current+num_steps-1 will consume (e.g. the total of a
         :class:`LayerTokenLR`), without moving the schedule."""
-        seq_len = self.max_value if seq_len is None else _check_int("seq_len", seq_len, 1)
+        owner = "RandomLTDScheduler.planned_layer_tokens"
+        seq_len = self.max_value if seq_len is None else check_int(owner, "seq_len", seq_len, minimum=1)
         start = self.current_step
         return sum(self.layer_tokens(batch_size, seq_len, self.kept_length(t))
-                   for t in range(start, start + _check_int("num_steps", num_steps, 0)))
+                   for t in range(start, start + check_int(owner, "num_steps", num_steps, minimum=0)))
 
     def _config(self):
         return {k: getattr(self, k) for k in ("min_value", "max_value", "require_steps", "seq_per_step",
@@ -98,10 +104,13 @@ class RandomLTDScheduler:
         """Resume from :meth:`state_dict`; the schedule itself must be the same."""
         differing = {k: (state.get(k), v) for k, v in self._config().items() if state.get(k) != v}
         if differing:
-            raise ValueError(f"cannot resume: the saved schedule differs in {differing} (saved, ours)")
-        self.current_step = _check_int("current_step", state["current_step"], 0)
-        self.consumed_layer_tokens = _check_int("consumed_layer_tokens", state["consumed_layer_tokens"], 0)
-        self.consumed_tokens = _check_int("consumed_tokens", state.get("consumed_tokens", 0), 0)
+            raise ValueError(f"RandomLTDScheduler.load_state_dict: cannot resume: the saved schedule differs in "
+                             f"{differing} (saved, ours)")
+        owner = "RandomLTDScheduler.load_state_dict"
+        self.current_step = check_int(owner, "current_step", state["current_step"], minimum=0)
+        self.consumed_layer_tokens = check_int(owner, "consumed_layer_tokens", state["consumed_layer_tokens"],
+                                               minimum=0)
+        self.consumed_tokens = check_int(owner, "consumed_tokens", state.get("consumed_tokens", 0), minimum=0)
 
 
 class LayerTokenLR:
@@ -114,18 +123,15 @@ class LayerTokenLR:
     decays = ("cosine", "linear")
 
     def __init__(self, base_lr, total_layer_tokens, warmup_layer_tokens=0, min_lr=0.0, decay="cosine"):
-        if not base_lr > 0:
-            raise ValueError(f"base_lr must be > 0, got {base_lr!r}")
-        if not 0 <= min_lr <= base_lr:
-            raise ValueError(f"min_lr must be in [0, base_lr={base_lr}], got {min_lr!r}")
-        self.total_layer_tokens = _check_int("total_layer_tokens", total_layer_tokens, 1)
-        self.warmup_layer_tokens = _check_int("warmup_layer_tokens", warmup_layer_tokens, 0)
+        owner = "LayerTokenLR"
+        self.base_lr = check_number(owner, "base_lr", base_lr, minimum=0.0, min_open=True)
+        self.min_lr = check_number(owner, "min_lr", min_lr, minimum=0.0, maximum=self.base_lr)
+        self.total_layer_tokens = check_int(owner, "total_layer_tokens", total_layer_tokens, minimum=1)
+        self.warmup_layer_tokens = check_int(owner, "warmup_layer_tokens", warmup_layer_tokens, minimum=0)
         if self.warmup_layer_tokens >= self.total_layer_tokens:
-            raise ValueError(f"warmup_layer_tokens ({warmup_layer_tokens}) must be < total_layer_tokens "
+            raise ValueError(f"{owner}: warmup_layer_tokens ({warmup_layer_tokens}) must be < total_layer_tokens "
                              f"({total_layer_tokens})")
-        if decay not in self.decays:
-            raise ValueError(f"decay must be one of {self.decays}, got {decay!r}")
-        self.base_lr, self.min_lr, self.decay = float(base_lr), float(min_lr), decay
+        self.decay = check_choice(owner, "decay", decay, self.decays)
 
     def __call__(self, consumed_layer_tokens):
         tokens = consumed_layer_tokens
@@ -139,30 +145,12 @@ class LayerTokenLR:
         return self.min_lr + (self.base_lr - self.min_lr) * factor
 
 
-_LR_WRITERS = {}
-
-
 def set_learning_rate(optimizer, lr):
     """Make ``lr`` the learning rate of the next steps of a MindSpore optimizer built with one
-    constant learning rate (a float), without recompiling the train step.
-
-    The rate is a Parameter, but MindSpore 2.10 ``ms.jit`` graphs do not see a host-side
-    ``set_data`` made after they compiled (they keep the old value); a write by another compiled
-    graph (``ops.assign``) is seen, so the value goes through a tiny compiled writer.
-    """
-    import mindspore as ms
-    from mindspore import Parameter, Tensor, ops
+    constant learning rate (a float), without recompiling the train step (``write_parameter``:
+    in place, so a step compiled with ``ms.jit`` sees it too)."""
     current = getattr(optimizer, "learning_rate", None)
     if not isinstance(current, Parameter) or current.shape != ():
         raise TypeError(f"set_learning_rate needs an optimizer built with one constant learning rate "
                         f"(a float); {type(optimizer).__name__} has {type(current).__name__}")
-    if not lr >= 0:
-        raise ValueError(f"learning rate must be >= 0, got {lr!r}")
-    entry = _LR_WRITERS.get(id(current))
-    if entry is None or entry[0] is not current:
-        def write(value):
-            ops.assign(current, value)
-            return value
-
-        entry = _LR_WRITERS[id(current)] = (current, ms.jit(write))
-    entry[1](Tensor(lr, ms.float32))
+    write_parameter(current, check_number("set_learning_rate", "lr", lr, minimum=0.0))

@@ -21,8 +21,10 @@ from mindspore import ops
 from ms_prune.gradnas import GradNAS
 from ms_prune.gradnas.masks import attach_masks, detach
 from ms_prune.heads.algorithm import LRP, apply_lrp, remove_lrp
+from ms_prune.layer_drop import ProgressiveLayerDropping, apply_progressive_layer_drop, remove_progressive_layer_drop
 from ms_prune.models.bert import BertConfig, BertForSequenceClassification
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from ms_prune.token_drop import RandomLTD, apply_random_ltd, revert_random_ltd
 
 VOCAB = 60
 
@@ -58,6 +60,18 @@ def lm_loss(logits, labels):
     return ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
+def pre_ln_bert():
+    return tiny_bert(pre_layer_norm=True)  # PLD refuses post-LN BERT
+
+
+# 16 tokens, kept length 4 -> 16 over 6 steps (4, 4, 8, 8, 12, 12): the step after the resume drops tokens
+RANDOM_LTD = dict(min_value=4, max_value=16, require_steps=6, seq_per_step=4)
+
+
+def apply_tiny_random_ltd(model):
+    return apply_random_ltd(model, **RANDOM_LTD)
+
+
 def is_gate_tensor(name):
     return ".head_gate." in name
 
@@ -78,4 +92,13 @@ ALGORITHM_SETTINGS = {
                                   seq_len=12, at_step=2),
         model=tiny_bert, data=classification_batch, loss_fn=classification_loss,
         apply=attach_masks, remove=detach, adds_tensors=is_gradnas_mask, model_train=False, steps=6),
+    "progressive_layer_drop": dict(
+        algorithm=lambda: ProgressiveLayerDropping(theta=0.5, gamma=0.5),
+        model=pre_ln_bert, data=classification_batch, loss_fn=classification_loss,
+        apply=apply_progressive_layer_drop, remove=remove_progressive_layer_drop, adds_tensors=None,
+        model_train=True, steps=6),
+    "random_ltd": dict(
+        algorithm=lambda: RandomLTD(**RANDOM_LTD),
+        model=tiny_gpt2, data=lm_batch, loss_fn=lm_loss,
+        apply=apply_tiny_random_ltd, remove=revert_random_ltd, adds_tensors=None, model_train=False, steps=6),
 }
