@@ -3,14 +3,18 @@ layer dropping (PLD), and how much faster PLD gets to the same validation loss.
 
     python samples/pld_bert_mlm.py --quick     # CPU, GRAPH_MODE, about 10 minutes
     python samples/pld_bert_mlm.py --config samples/configs/pld_bert_mlm.yaml
+    python samples/pld_bert_mlm.py --quick --resume   # continue an interrupted run
 
-The two runs are trained step-interleaved in one process (one baseline step, one PLD step, ...),
-so load from elsewhere on the machine slows both alike; each run's clock counts only its own
-training steps (no compilation, no evaluation). The validation MLM loss (fixed batches and masks,
+Both runs train on ``ms_prune.engine.Trainer`` (the PLD run with the ``ProgressiveLayerDropping``
+algorithm), interleaved in one process in chunks of ``eval_every`` steps, so load from elsewhere on
+the machine slows both alike; each run's clock counts only its own training steps (the first step,
+which compiles, and evaluation excluded). Checkpoints after every chunk allow ``--resume``. The validation MLM loss (fixed batches and masks,
 every layer run) is recorded against steps and against that clock; the speed-up to equal loss is
 the baseline's time to its final loss over the time PLD needed to first reach that loss (linear
 interpolation between evaluations), or "not reached". Writes a JSON and a PNG plot.
 """
+import json
+import logging
 import os
 import sys
 import time
@@ -23,11 +27,13 @@ import mindspore as ms  # noqa: E402
 from mindspore import Tensor, nn, ops  # noqa: E402
 
 from ms_prune.data import data_path  # noqa: E402
-from ms_prune.layer_drop import ProgressiveLayerDrop, convert_to_pld  # noqa: E402
+from ms_prune.engine import Trainer  # noqa: E402
+from ms_prune.engine.recipes import build_algorithms  # noqa: E402
+from ms_prune.fileio import atomic_write  # noqa: E402
 from ms_prune.models.bert import BertConfig, BertModel, activation  # noqa: E402
 from ms_prune.models.modeling_utils import LayerNorm, Linear  # noqa: E402
-from ms_prune.training import (FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, make_train_step,  # noqa: E402
-                               sample_cli, section_ranges, set_context, write_json)
+from ms_prune.training import (FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, sample_cli,  # noqa: E402
+                               section_ranges, set_context, write_json)
 
 KEYS = {"model", "vocab_size", "seq_len", "batch_size", "mask_fraction", "steps", "quick_steps", "warmup_fraction",
         "weight_decay", "baseline", "pld", "eval_every", "eval_batches", "eval_batches_quick", "seed", "output_dir"}
@@ -42,25 +48,27 @@ RANGES = {"vocab_size": (len(SPECIAL) + 1, None), "seq_len": POSITIVE,
           **section_ranges("pld", learning_rate=RATE, theta=OPEN_FRACTION, gamma_times_steps=NON_NEGATIVE)}
 
 
-class BertMLM(nn.Cell):
-    """BERT's MLM head (dense, GELU, LayerNorm, decoder tied to the word embeddings) applied only
-    at the masked positions (a fixed number per sequence), and the cross-entropy there."""
+class MLMHead(nn.Cell):
+    """BERT's MLM head (dense, GELU, LayerNorm, decoder tied to the word embeddings) applied only at
+    the masked positions (a fixed number per sequence), and the cross-entropy there: the Trainer's
+    ``loss_fn`` (its Parameters train with the model). The tied embedding is held unregistered, so
+    the model's tensor names stay its own."""
 
     def __init__(self, bert):
         super().__init__()
         config = bert.config
-        self.bert = bert
+        object.__setattr__(self, "word_embeddings", bert.embeddings.word_embeddings)
         self.transform = Linear(config.hidden_size, config.hidden_size, config.initializer_range)
         self.act = activation(config.hidden_act)
         self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps)
         self.decoder_bias = ms.Parameter(Tensor(np.zeros(config.vocab_size, np.float32)), name="decoder_bias")
 
-    def construct(self, input_ids, positions, labels):
-        hidden = self.bert(input_ids)[0]
+    def construct(self, outputs, positions, labels):
+        hidden = outputs[0]
         picked = ops.gather_elements(hidden, 1, positions.expand_dims(-1).broadcast_to(
             (positions.shape[0], positions.shape[1], hidden.shape[-1])))
         picked = self.LayerNorm(self.act(self.transform(picked)))
-        logits = ops.matmul(picked, self.bert.embeddings.word_embeddings.weight.T) + self.decoder_bias
+        logits = ops.matmul(picked, self.word_embeddings.weight.T) + self.decoder_bias
         return ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
@@ -88,58 +96,71 @@ def mask_batch(tokens, batch, seq, count, vocab, mask_id, rng):
     replaced = np.where(roll < 0.8, mask_id, np.where(roll < 0.9, rng.integers(len(SPECIAL), vocab, (batch, count)),
                                                       labels))
     np.put_along_axis(ids, positions, replaced, 1)
-    return Tensor(ids, ms.int32), Tensor(positions, ms.int32), Tensor(labels, ms.int32)
+    return ids, positions, labels
 
 
 def learning_rates(peak, steps, warmup):
     t = np.arange(steps, dtype=np.float64)
     lr = np.where(t < warmup, peak * (t + 1) / max(warmup, 1), peak * (steps - t) / max(steps - warmup, 1))
-    return Tensor(lr.astype(np.float32))
+    return [float(x) for x in lr]
 
 
 class Run:
-    """One training run: model, compiled step and its own clock."""
+    """One training run on its own Trainer, with its own clock and validation curve."""
 
-    def __init__(self, name, config, vocab, steps, use_pld):
+    def __init__(self, name, config, vocab, steps, use_pld, batches, checkpoints, resume):
         m = config["model"]
         ms.set_seed(config["seed"])  # both runs start from the same weights
-        bert = BertModel(BertConfig(
+        self.bert = BertModel(BertConfig(
             vocab_size=vocab, hidden_size=m["hidden_size"], num_hidden_layers=m["num_hidden_layers"],
             num_attention_heads=m["num_attention_heads"], intermediate_size=m["intermediate_size"],
             hidden_dropout_prob=m["dropout"], attention_probs_dropout_prob=m["dropout"],
             max_position_embeddings=config["seq_len"], pre_layer_norm=True))
+        self.head = MLMHead(self.bert)
         section = config["pld" if use_pld else "baseline"]
-        self.pld = None
-        if use_pld:
-            self.pld = ProgressiveLayerDrop(theta=section["theta"], gamma=section["gamma_times_steps"] / steps)
-            convert_to_pld(bert, self.pld, seed=config["seed"])
-        self.name, self.net = name, BertMLM(bert)
-        self.net.set_train(True)
-        optimizer = nn.AdamWeightDecay(self.net.trainable_params(), weight_decay=config["weight_decay"],
-                                       learning_rate=learning_rates(section["learning_rate"], steps,
-                                                                    int(config["warmup_fraction"] * steps)))
-        self.step_fn = make_train_step(self.net, optimizer)
-        self.step_fn.set_train(True)
-        self.seconds, self.steps_done, self.losses = 0.0, 0, []
-        self.curve = []  # (step, train seconds, validation loss, theta)
+        recipe = {"progressive_layer_drop": {"theta": section["theta"],
+                                             "gamma": section["gamma_times_steps"] / steps}} if use_pld else {}
+        schedule = learning_rates(section["learning_rate"], steps, int(config["warmup_fraction"] * steps))
 
-    def train_step(self, batch):
-        if self.pld is not None:
-            self.pld.update_state(self.steps_done)
+        def adamw(params):
+            return nn.AdamWeightDecay(params, learning_rate=schedule, weight_decay=config["weight_decay"])
+        self.name, self.curve_path = name, os.path.join(checkpoints, "curve.json")
+        self.algorithms = build_algorithms(recipe, path=name)
+        resume_from = "latest" if resume and os.path.isfile(os.path.join(checkpoints, "latest")) else None
+        self.trainer = Trainer(self.bert, self.head, batches, max_steps=steps, algorithms=self.algorithms,
+                               optimizer=adamw, num_inputs=1, log_interval=0, checkpoint_dir=checkpoints,
+                               resume_from=resume_from)
+        self.seconds, self.losses, self.curve = 0.0, [], []  # curve: (step, train seconds, val loss, theta)
+        if resume_from is not None and os.path.isfile(self.curve_path):
+            with open(self.curve_path, encoding="utf-8") as f:
+                saved = json.load(f)
+            self.seconds, self.curve = saved["seconds"], [tuple(c) for c in saved["curve"]]
+
+    @property
+    def steps_done(self):
+        return self.trainer.state.step
+
+    def train_to(self, step):
+        """Train up to ``step``; the first step (which compiles) is not counted as training time."""
+        if self.steps_done == 0:
+            self.trainer.max_steps = 1
+            self.trainer.fit()
+        self.trainer.max_steps = step
+        done = len(self.trainer.history)
         start = time.perf_counter()
-        loss = float(self.step_fn(*batch).asnumpy())
-        elapsed = time.perf_counter() - start
-        if self.steps_done > 0:  # the first call compiles the step: not training time
-            self.seconds += elapsed
-        self.steps_done += 1
-        self.losses.append(loss)
+        self.trainer.fit()
+        self.seconds += time.perf_counter() - start
+        self.losses += [r["loss"] for r in self.trainer.history[done:]]
 
     def evaluate(self, batches):
-        self.net.set_train(False)
-        loss = float(np.mean([float(self.net(*b).asnumpy()) for b in batches]))
-        self.net.set_train(True)
-        theta = self.pld.get_theta() if self.pld is not None else 1.0
+        loss_net = self.trainer.state.loss_net  # model + head as one Cell: one evaluation graph
+        loss_net.set_train(False)
+        loss = float(np.mean([float(loss_net(*[Tensor(x) for x in b]).asnumpy()) for b in batches]))
+        loss_net.set_train(True)
+        theta = self.algorithms[0].schedule.get_theta() if self.algorithms else 1.0
         self.curve.append((self.steps_done, self.seconds, loss, theta))
+        with atomic_write(self.curve_path, binary=False) as f:  # the curve resumes with the checkpoint
+            json.dump({"seconds": self.seconds, "curve": self.curve}, f)
         return loss
 
 
@@ -176,7 +197,9 @@ def plot(runs, path):
 
 def main(argv=None):
     args, config = sample_cli(__file__, __doc__, KEYS, "quick_steps steps per run (under 15 minutes on CPU)", argv,
-                              ranges=RANGES)
+                              ranges=RANGES, extra_arguments=[("--resume", dict(
+                                  action="store_true", help="continue from the last checkpoints"))])
+    logging.basicConfig(level=logging.INFO, format="  %(message)s")
     print(f"the loss figure goes to {os.path.abspath(config['output_dir'])}", flush=True)
     set_context("graph", args.device_target, seed=config["seed"])
     steps = config["quick_steps"] if args.quick else config["steps"]
@@ -195,23 +218,30 @@ def main(argv=None):
     val_rng = np.random.default_rng(1234)
     val_batches = [mask_batch(val, batch, seq, count, vocab, mask_id, val_rng) for _ in range(eval_count)]
 
-    runs = [Run("baseline", config, vocab, steps, False), Run("pld", config, vocab, steps, True)]
-    rngs = [np.random.default_rng(config["seed"] + 1) for _ in runs]  # the same batches for both runs
+    def batches(step):  # the same batches for both runs, any step's batch again on resume
+        return mask_batch(train, batch, seq, count, vocab, mask_id, np.random.default_rng((config["seed"] + 1, step)))
+    work = os.path.join(config["output_dir"], "checkpoints" + ("_quick" if args.quick else ""))
+    runs = [Run(name, config, vocab, steps, name == "pld", batches, os.path.join(work, name), args.resume)
+            for name in ("baseline", "pld")]
     for run in runs:
-        run.evaluate(val_batches)
+        if not run.curve:
+            run.evaluate(val_batches)
     start = time.time()
-    for t in range(steps):
-        for run, rng in zip(runs, rngs):
-            run.train_step(mask_batch(train, batch, seq, count, vocab, mask_id, rng))
-        if (t + 1) % config["eval_every"] == 0 or t + 1 == steps:
-            line = []
-            for run in runs:
+    every = config["eval_every"]
+    for t in range(min(r.steps_done for r in runs), steps, every):
+        chunk_end = min(steps, (t // every + 1) * every)
+        line = []
+        for run in runs:
+            if run.steps_done < chunk_end:
+                run.train_to(chunk_end)
                 loss = run.evaluate(val_batches)
-                line.append(f"{run.name}: train {np.mean(run.losses[-config['eval_every']:]):.3f} "
-                            f"val {loss:.3f} ({run.seconds:.0f} s)")
-            theta = runs[1].pld.get_theta()
-            print(f"step {t + 1}/{steps} theta {theta:.3f} | " + " | ".join(line)
-                  + f" | elapsed {time.time() - start:.0f} s", flush=True)
+            else:
+                loss = run.curve[-1][2]
+            line.append(f"{run.name}: train {np.mean(run.losses[-every:]) if run.losses else float('nan'):.3f} "
+                        f"val {loss:.3f} ({run.seconds:.0f} s)")
+        theta = runs[1].algorithms[0].schedule.get_theta()
+        print(f"step {chunk_end}/{steps} theta {theta:.3f} | " + " | ".join(line)
+              + f" | elapsed {time.time() - start:.0f} s", flush=True)
 
     baseline, pld = runs
     target = baseline.curve[-1][2]

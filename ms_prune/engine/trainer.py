@@ -71,7 +71,8 @@ def default_optimizer(learning_rate=1e-3, weight_decay=0.0):
 class Trainer:
     """Train ``model`` for ``max_steps`` steps with ``algorithms``.
 
-    * ``loss_fn(outputs, *targets)``: a Cell or a module-level function (graph mode parses it);
+    * ``loss_fn(outputs, *targets)``: a Cell or a module-level function (graph mode parses it); a
+      Cell's own Parameters (a task head) train with the model and go into the checkpoints;
       each batch is a tuple of numpy arrays, the first ``num_inputs`` (default all but the last)
       go to the model, the rest to ``loss_fn``.
     * ``train_data``: an iterable of batches, iterated again each epoch (a resumed run skips the
@@ -144,10 +145,19 @@ class Trainer:
         state.loss_net = LossWithTerms(loss_net, terms) if terms else loss_net
         groups = [dict(g) for algorithm in state.algorithms for g in algorithm.param_groups(state)]
         claimed = {id(p) for g in groups for p in g["params"]}
-        params = [p for p in state.model.trainable_params() if id(p) not in claimed]
+        params = [p for p in self._trainable_params() if id(p) not in claimed]
         state.optimizer = self.optimizer_factory(([{"params": params}] + groups) if groups else params)
         self._steps = {}
         state.structure_changed = False
+
+    def _trainable_params(self):
+        """The model's, then those of a ``loss_fn`` Cell that has its own (a task head such as an
+        MLM head is trained with the model)."""
+        params = list(self.state.model.trainable_params())
+        if isinstance(self.loss_fn, nn.Cell):
+            seen = {id(p) for p in params}
+            params += [p for p in self.loss_fn.trainable_params() if id(p) not in seen]
+        return params
 
     def _graph_key(self, batch):
         algorithm_keys = tuple(a.graph_key(self.state) for a in self.state.algorithms if a.changes_graph)
@@ -266,6 +276,8 @@ class Trainer:
         """{name: Parameter} of everything a resume needs: model, optimizer and algorithm tensors."""
         named = {}
         sources = [self.state.model.parameters_and_names(), self.state.optimizer.parameters_and_names()]
+        if isinstance(self.loss_fn, nn.Cell):
+            sources.append(self.loss_fn.parameters_and_names())
         sources += [((p.name, p) for p in a.parameters()) for a in self.state.algorithms]
         for source in sources:
             for name, param in source:
