@@ -374,7 +374,7 @@ class LayerWrapper(nn.Cell):
         super().__init__()
         if not isinstance(layer, nn.Cell):
             raise TypeError(f"{type(self).__name__} wraps a mindspore.nn.Cell, got {type(layer).__name__}")
-        if isinstance(layer, LayerWrapper):
+        if isinstance(layer, type(self)):
             raise ValueError(f"this layer is already wrapped by {type(layer).__name__}")
         object.__setattr__(self, "layer", layer)
         full_names = [(param, param.name) for param in layer.get_parameters()]

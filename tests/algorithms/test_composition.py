@@ -1,0 +1,65 @@
+"""PLD, random-LTD and LRP gates on one model in one run, in GRAPH_MODE and PyNative, in either
+wrapping order: it trains, keeps the model's tensor names, compiles one step per kept length,
+prunes to the target, and resumes to the identical next loss."""
+import numpy as np
+import pytest
+import mindspore as ms
+
+from ms_prune.engine import Trainer
+from ms_prune.heads import LRP
+from ms_prune.layer_drop import ProgressiveLayerDropping
+from ms_prune.token_drop import RandomLTD
+
+from .algorithm_settings import lm_batch, lm_loss, tiny_gpt2
+
+
+def algorithms(order):
+    ltd = RandomLTD(min_value=8, max_value=16, require_steps=4, seq_per_step=4)
+    pld = ProgressiveLayerDropping(theta=0.5, gamma=0.1)
+    lrp = LRP(target_heads=6, warmup_steps=3)
+    return ([ltd, pld] if order == "ltd_first" else [pld, ltd]) + [lrp]
+
+
+def run(order, steps, **kwargs):
+    ms.set_seed(0)
+    model = tiny_gpt2()
+    trainer = Trainer(model, lm_loss, lm_batch, max_steps=steps, algorithms=algorithms(order), log_interval=0,
+                      **kwargs)
+    return model, trainer
+
+
+@pytest.mark.parametrize("order", ["ltd_first", "pld_first"])
+def test_pld_random_ltd_and_lrp_compose(order, mode):
+    model, trainer = run(order, 6)
+    names = sorted(n for n, _ in model.parameters_and_names())
+    losses = [r["loss"] for r in trainer.fit()]
+    assert np.all(np.isfinite(losses)) and len(set(losses)) > 1
+    assert sum(model.heads_per_layer()) == 6
+    ltd = trainer.state.algorithms[0 if order == "ltd_first" else 1]
+    # kept lengths 8, 12, 16: one compiled step each (LRP prunes at FIT_END, after the last step)
+    assert trainer.compilations == len(ltd.scheduler.distinct_lengths(6)) == 3
+    gate_free = sorted(n for n, _ in model.parameters_and_names())
+    assert gate_free == sorted(n for n in names if ".head_gate." not in n)
+
+
+def test_composed_run_resumes_to_the_identical_next_loss(mode, tmp_path):
+    _, first = run("ltd_first", 6, checkpoint_dir=str(tmp_path), checkpoint_interval=3)
+    uninterrupted = [r["loss"] for r in first.fit()]
+    _, resumed = run("ltd_first", 6, checkpoint_dir=str(tmp_path), resume_from=str(tmp_path / "step_3"))
+    again = [r["loss"] for r in resumed.fit()]
+    assert again[0] == uninterrupted[3], (again, uninterrupted)
+
+
+def test_the_gate_penalty_does_not_depend_on_which_layers_ran():
+    """LRP's L0 term is read from the gates, so a layer PLD skips keeps its gates' penalty."""
+    ms.set_seed(0)
+    model, trainer = run("ltd_first", 1)
+    lrp = trainer.state.algorithms[2]
+    gates = [a.head_gate for a in model.attention_layers()]
+    expected = sum(g.expected_open() for g in gates) / 12  # the plain penalty, normalised by the heads
+    objective = lrp.objective
+    objective.set_step(10 ** 6)  # the target reached
+    target = float(objective.target.asnumpy())
+    lambda_2 = 0.7
+    objective.lambda_2.set_data(ms.Tensor(np.float32(lambda_2)))
+    np.testing.assert_allclose(float(lrp.term().asnumpy()), lambda_2 * (expected - target) ** 2, rtol=1e-5)
