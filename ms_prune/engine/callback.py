@@ -37,6 +37,7 @@ class AlgorithmCallback(Callback):
         self.engine.run_event(Event.INIT)
         if hasattr(model, "refresh_after_surgery"):
             model.refresh_after_surgery()
+        self.state.structure_changed = False  # the user builds the network and Model after this
 
     def loss_net(self, loss_net):
         """``loss_net`` plus the algorithms' loss terms, as one Cell for ``Model(network=...)`` or a
