@@ -1,7 +1,9 @@
 """ms_prune: make MindSpore transformers cheaper to train and to run.
 
-* ``ms_prune.models``: BERT and GPT-2 Cells that load and save Hugging Face checkpoints and
-  physically prune attention heads.
+* ``ms_prune.engine``: the algorithm engine (Event, State, Algorithm, Engine, the graph-mode
+  Trainer, AlgorithmCallback for ``Model.train``) on which every algorithm below runs.
+* ``ms_prune.models``: BERT, GPT-2 and Llama Cells that load and save Hugging Face checkpoints and
+  physically prune attention heads (and FFN neurons).
 * ``ms_prune.heads``: LRP (Hard-Concrete / L0) head pruning.
 * ``ms_prune.gradnas``: GradNAS, gradient-scored pruning of heads and FFN neurons under a FLOPs or
   parameter budget.
