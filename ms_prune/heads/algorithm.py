@@ -121,12 +121,8 @@ class LRP(Algorithm):
             return True
         if event == Event.AFTER_LOAD:
             return self._saved_pruned_heads is not None and self.pruned_heads is None
-        gated = self.pruned_heads is None
-        if event in (Event.BATCH_START, Event.FIT_END):
-            return gated
-        if event == Event.BATCH_END:
-            return gated
-        return False
+        # the gates' events, while the model still has gates
+        return event in (Event.BATCH_START, Event.BATCH_END, Event.FIT_END) and self.pruned_heads is None
 
     def apply(self, event, state, logger):
         if event == Event.INIT:
