@@ -51,9 +51,9 @@ class SelectPLDLayer(PLDLayer):
 
     def construct(self, hidden_states, attention_bias):
         keep = self.keep_probability()
-        output, penalty = self.layer(hidden_states, attention_bias)
+        output = self.layer(hidden_states, attention_bias)
         decision = self.uniform((1,))[0] < keep
-        return ops.select(decision, hidden_states + (output - hidden_states) / keep, hidden_states), penalty
+        return ops.select(decision, hidden_states + (output - hidden_states) / keep, hidden_states)
 
 
 class SumOfLayer(nn.Cell):
@@ -62,7 +62,7 @@ class SumOfLayer(nn.Cell):
         self.layer, self.bias = layer, bias
 
     def construct(self, hidden_states):
-        return self.layer(hidden_states, self.bias)[0].sum()
+        return self.layer(hidden_states, self.bias).sum()
 
 
 def timed(fn, args):

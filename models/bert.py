@@ -5,13 +5,14 @@ cannot name an attribute that graph mode parses). ``pre_layer_norm=True`` gives 
 ("switchable") layout progressive layer dropping needs: x + f(LN(x)) in every sub-layer and one
 final LayerNorm (``encoder.LayerNorm``); the default is the original post-LN BERT.
 
-Every transformer layer maps ``(hidden_states, attention_bias) -> (hidden_states, penalty)``:
-``attention_bias`` is additive, (batch, 1, 1, seq) here; ``penalty`` is the head gates' L0
-penalty of the layer (0 without gates), summed over layers up to the model.
+Every transformer layer maps ``(hidden_states, attention_bias) -> hidden_states``:
+``attention_bias`` is additive, (batch, 1, 1, seq) here.
 """
 import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
+
+from ms_prune.protocol import AttentionHeads, FFNUnits
 
 from .modeling_utils import (Embedding, HeadPrunableAttention, LayerNorm, Linear, NeuronPrunableFFN, OutputBias,
                              PreTrainedCell, PretrainedConfig, PrunedUnits, additive_padding_bias,
@@ -111,19 +112,19 @@ class BertAttention(HeadPrunableAttention):
         x = self.output.LayerNorm(hidden_states) if self.pre_layer_norm else hidden_states
         if self.num_heads == 0:
             projected = self.output.dense(x)
-            penalty = ops.zeros((), ms.float32)
         else:
             batch, seq = x.shape[0], x.shape[1]
-            context, penalty = self.attend(self.self_attn.query(x), self.self_attn.key(x),
-                                           self.self_attn.value(x), attention_bias, batch, seq)
+            context = self.attend(self.self_attn.query(x), self.self_attn.key(x), self.self_attn.value(x),
+                                  attention_bias, batch, seq)
             projected = self.output.dense(context)
         projected = self.output.dropout(projected)
         if self.pre_layer_norm:
-            return hidden_states + projected, penalty
-        return self.output.LayerNorm(projected + hidden_states), penalty
+            return hidden_states + projected
+        return self.output.LayerNorm(projected + hidden_states)
 
-    def output_projection(self):
-        return self.output.dense, "linear"
+    def heads(self):
+        return AttentionHeads(self, "output.dense", self.head_dim, self.num_heads, query="self_attn.query",
+                              key="self_attn.key", value="self_attn.value", kept_heads=self.kept_heads)
 
     def _slice_projections(self, positions):
         columns = self.head_columns(positions)
@@ -141,7 +142,7 @@ class BertIntermediate(NeuronPrunableFFN):
     def construct(self, x):
         if self.num_neurons == 0:
             return x  # the output projection is then an OutputBias, which only needs x's shape
-        return self.gated(self.act(self.dense(x)))
+        return self.act(self.dense(x))
 
 
 class BertLayer(nn.Cell):
@@ -155,12 +156,12 @@ class BertLayer(nn.Cell):
         self.output = BertSubLayerOutput(config, self.intermediate.num_neurons)
 
     def construct(self, hidden_states, attention_bias):
-        hidden_states, penalty = self.attention(hidden_states, attention_bias)
+        hidden_states = self.attention(hidden_states, attention_bias)
         x = self.output.LayerNorm(hidden_states) if self.pre_layer_norm else hidden_states
         projected = self.output.dropout(self.output.dense(self.intermediate(x)))
         if self.pre_layer_norm:
-            return hidden_states + projected, penalty
-        return self.output.LayerNorm(projected + hidden_states), penalty
+            return hidden_states + projected
+        return self.output.LayerNorm(projected + hidden_states)
 
 
 class BertEncoder(nn.Cell):
@@ -174,13 +175,11 @@ class BertEncoder(nn.Cell):
         self.LayerNorm = LayerNorm(config.hidden_size, config.layer_norm_eps) if config.pre_layer_norm else None
 
     def construct(self, hidden_states, attention_bias):
-        penalty = ops.zeros((), ms.float32)
         for layer in self.layer:
-            hidden_states, layer_penalty = layer(hidden_states, attention_bias)
-            penalty = penalty + layer_penalty
+            hidden_states = layer(hidden_states, attention_bias)
         if self.LayerNorm is not None:
             hidden_states = self.LayerNorm(hidden_states)
-        return hidden_states, penalty
+        return hidden_states
 
 
 class BertPooler(nn.Cell):
@@ -210,9 +209,15 @@ class BertPreTrainedCell(PreTrainedCell):
     def ffn_layers(self):
         return [layer.intermediate for layer in self.transformer_layers()]
 
-    def ffn_projections(self, layer):
+    def ffn_units(self, layer):
         block = self.transformer_layers()[layer]
-        return (block.intermediate, "dense", "linear"), (block.output, "dense", "linear")
+        return FFNUnits(block, "intermediate.dense", "output.dense", block.intermediate.num_neurons,
+                        kept_neurons=block.intermediate.kept_neurons)
+
+    @property
+    def skippable_layers(self):
+        # post-LN layers compute LN(x + f(x)): skipping one does not leave x
+        return self.config.pre_layer_norm
 
     def _is_embedding_parameter(self, name):
         return ".embeddings." in "." + name
@@ -245,7 +250,7 @@ class BertPreTrainedCell(PreTrainedCell):
 
 
 class BertModel(BertPreTrainedCell):
-    """Returns ``(sequence_output, pooled_output)`` (and the gate penalty when gated)."""
+    """Returns ``(sequence_output, pooled_output)``."""
 
     _task_head_prefixes = ("pooler.",)
 
@@ -267,16 +272,12 @@ class BertModel(BertPreTrainedCell):
         if token_type_ids is None:
             token_type_ids = ops.zeros_like(input_ids)
         hidden = self.embeddings(input_ids, token_type_ids)
-        encoded = self.encoder(hidden, additive_padding_bias(attention_mask))
-        sequence_output = encoded[0]
-        pooled_output = self.pooler(sequence_output)
-        if self.return_penalty:
-            return sequence_output, pooled_output, encoded[1]
-        return sequence_output, pooled_output
+        sequence_output = self.encoder(hidden, additive_padding_bias(attention_mask))
+        return sequence_output, self.pooler(sequence_output)
 
 
 class BertForSequenceClassification(BertPreTrainedCell):
-    """Returns logits of shape (batch, num_labels) (and the gate penalty when gated)."""
+    """Returns logits of shape (batch, num_labels)."""
 
     base_model_prefix = "bert"
     _task_head_prefixes = ("classifier.", "bert.pooler.")
@@ -296,10 +297,7 @@ class BertForSequenceClassification(BertPreTrainedCell):
 
     def construct(self, input_ids, attention_mask=None, token_type_ids=None):
         outputs = self.bert(input_ids, attention_mask, token_type_ids)
-        logits = self.classifier(self.dropout(outputs[1]))
-        if self.return_penalty:
-            return logits, outputs[2]
-        return logits
+        return self.classifier(self.dropout(outputs[1]))
 
 
 def __getattr__(name):

@@ -4,13 +4,14 @@ Parameter names and shapes are Hugging Face's, including the ``Conv1D`` layout (
 (in, out)) and the fused ``c_attn`` (Q, K and V side by side). GPT-2 is pre-LN, so progressive
 layer dropping can skip its blocks as they are.
 
-Every block maps ``(hidden_states, attention_bias) -> (hidden_states, penalty)``:
-``attention_bias`` is additive, (batch, 1, seq, seq), causal and padding combined; ``penalty`` is
-the head gates' L0 penalty of the block (0 without gates), summed up to the model.
+Every block maps ``(hidden_states, attention_bias) -> hidden_states``: ``attention_bias`` is
+additive, (batch, 1, seq, seq), causal and padding combined.
 """
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
+
+from ms_prune.protocol import AttentionHeads, FFNUnits
 
 from .bert import activation
 from .modeling_utils import (MASK_VALUE, Conv1D, Embedding, HeadPrunableAttention, LayerNorm,
@@ -64,16 +65,17 @@ class GPT2Attention(HeadPrunableAttention):
 
     def construct(self, hidden_states, attention_bias):
         if self.num_heads == 0:
-            return self.resid_dropout(self.c_proj(hidden_states)), ops.zeros((), ms.float32)
+            return self.resid_dropout(self.c_proj(hidden_states))
         inner = self.num_heads * self.head_dim
         qkv = self.c_attn(hidden_states)
         batch, seq = hidden_states.shape[0], hidden_states.shape[1]
-        context, penalty = self.attend(qkv[:, :, :inner], qkv[:, :, inner:2 * inner], qkv[:, :, 2 * inner:],
-                                       attention_bias, batch, seq)
-        return self.resid_dropout(self.c_proj(context)), penalty
+        context = self.attend(qkv[:, :, :inner], qkv[:, :, inner:2 * inner], qkv[:, :, 2 * inner:],
+                              attention_bias, batch, seq)
+        return self.resid_dropout(self.c_proj(context))
 
-    def output_projection(self):
-        return self.c_proj, "conv1d"
+    def heads(self):
+        return AttentionHeads(self, "c_proj", self.head_dim, self.num_heads, qkv="c_attn", layout="conv1d",
+                              kept_heads=self.kept_heads)
 
     def _slice_projections(self, positions):
         columns = self.head_columns(positions)
@@ -95,7 +97,7 @@ class GPT2MLP(NeuronPrunableFFN):
     def construct(self, x):
         if self.num_neurons == 0:
             return self.dropout(self.c_proj(x))
-        return self.dropout(self.c_proj(self.gated(self.act(self.c_fc(x)))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
 
 
 class GPT2Block(nn.Cell):
@@ -107,9 +109,8 @@ class GPT2Block(nn.Cell):
         self.mlp = GPT2MLP(config, kept_neurons)
 
     def construct(self, hidden_states, attention_bias):
-        attended, penalty = self.attn(self.ln_1(hidden_states), attention_bias)
-        hidden_states = hidden_states + attended
-        return hidden_states + self.mlp(self.ln_2(hidden_states)), penalty
+        hidden_states = hidden_states + self.attn(self.ln_1(hidden_states), attention_bias)
+        return hidden_states + self.mlp(self.ln_2(hidden_states))
 
 
 class GPT2PreTrainedCell(PreTrainedCell):
@@ -132,9 +133,9 @@ class GPT2PreTrainedCell(PreTrainedCell):
     def ffn_layers(self):
         return [block.mlp for block in self.transformer_layers()]
 
-    def ffn_projections(self, layer):
+    def ffn_units(self, layer):
         mlp = self.transformer_layers()[layer].mlp
-        return (mlp, "c_fc", "conv1d"), (mlp, "c_proj", "conv1d")
+        return FFNUnits(mlp, "c_fc", "c_proj", mlp.num_neurons, layout="conv1d")
 
     def _is_embedding_parameter(self, name):
         return name.split(".")[-2] in ("wte", "wpe")
@@ -158,7 +159,7 @@ class GPT2PreTrainedCell(PreTrainedCell):
 
 
 class GPT2Model(GPT2PreTrainedCell):
-    """Returns the final hidden states (batch, seq, n_embd) (and the gate penalty when gated)."""
+    """Returns the final hidden states (batch, seq, n_embd)."""
 
     def __init__(self, config):
         super().__init__(config)
@@ -183,18 +184,13 @@ class GPT2Model(GPT2PreTrainedCell):
         if attention_mask is not None:
             allowed = allowed * attention_mask.astype(ms.float32).reshape(input_ids.shape[0], 1, 1, seq)
         attention_bias = (1.0 - allowed) * MASK_VALUE
-        penalty = ops.zeros((), ms.float32)
         for block in self.h:
-            hidden, block_penalty = block(hidden, attention_bias)
-            penalty = penalty + block_penalty
-        hidden = self.ln_f(hidden)
-        if self.return_penalty:
-            return hidden, penalty
-        return hidden
+            hidden = block(hidden, attention_bias)
+        return self.ln_f(hidden)
 
 
 class GPT2LMHeadModel(GPT2PreTrainedCell):
-    """Returns logits (batch, seq, vocab) (and the gate penalty when gated). The output
+    """Returns logits (batch, seq, vocab). The output
     projection is tied to the token embedding, as in GPT-2."""
 
     base_model_prefix = "transformer"
@@ -210,12 +206,8 @@ class GPT2LMHeadModel(GPT2PreTrainedCell):
         return "transformer."
 
     def construct(self, input_ids, attention_mask=None):
-        outputs = self.transformer(input_ids, attention_mask)
-        hidden = outputs[0] if self.return_penalty else outputs
-        logits = ops.matmul(hidden, self.transformer.wte.weight.T)
-        if self.return_penalty:
-            return logits, outputs[1]
-        return logits
+        hidden = self.transformer(input_ids, attention_mask)
+        return ops.matmul(hidden, self.transformer.wte.weight.T)
 
     def _extra_flops(self, seq_len):
         return 2 * self.config.n_embd * self.config.vocab_size * seq_len

@@ -8,11 +8,11 @@ Parameter names and shapes are Hugging Face's (``model.layers.0.self_attn.q_proj
 (``num_key_value_heads`` key/value heads, each shared by a group of query heads), the MLP is
 SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``.
 
-Every decoder layer maps ``(hidden_states, attention_bias, position_ids) -> (hidden_states,
-penalty)``: ``attention_bias`` is additive, (batch, 1, seq, seq), causal and padding combined;
+Every decoder layer maps ``(hidden_states, attention_bias, position_ids) -> hidden_states``:
+``attention_bias`` is additive, (batch, 1, seq, seq), causal and padding combined;
 ``position_ids`` (batch, seq) int32 are the tokens' positions, from which the attention computes
-its rotary angles (so a wrapper that keeps only some tokens passes their real positions);
-``penalty`` is the head gates' L0 penalty of the layer (0 without gates).
+its rotary angles (declared ``per_token`` in the model protocol, so a wrapper that keeps only some
+tokens passes their real positions).
 
 Head pruning removes QUERY heads (original numbering, as ``config.pruned_heads`` records them);
 a key/value head goes when every query head of its group is gone. A pruned layer may therefore
@@ -23,6 +23,8 @@ checkpoint saved here reloads here, not in transformers.
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
+
+from ms_prune.protocol import AttentionHeads, LayerCall
 
 from .modeling_utils import (Embedding, HeadPrunableAttention, Linear, OutputBias, PreTrainedCell,
                              PretrainedConfig, causal_attention_bias, slice_input_projection,
@@ -157,7 +159,7 @@ class LlamaAttention(HeadPrunableAttention):
 
     def construct(self, hidden_states, attention_bias, position_ids):
         if self.num_heads == 0:
-            return self.o_proj(hidden_states), ops.zeros((), ms.float32)
+            return self.o_proj(hidden_states)
         batch, seq = hidden_states.shape[0], hidden_states.shape[1]
         q = self.q_proj(hidden_states).reshape(batch, seq, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
         kv_shape = (batch, seq, self.num_kv_heads, self.head_dim)
@@ -169,11 +171,11 @@ class LlamaAttention(HeadPrunableAttention):
         if self.shares_kv:
             k = ops.gather(k, self.kv_index, 1)
             v = ops.gather(v, self.kv_index, 1)
-        context, penalty = self.attend_heads(q, k.transpose(0, 1, 3, 2), v, attention_bias)
-        return self.o_proj(context), penalty
+        return self.o_proj(self.attend_heads(q, k.transpose(0, 1, 3, 2), v, attention_bias))
 
-    def output_projection(self):
-        return self.o_proj, "linear"
+    def heads(self):
+        return AttentionHeads(self, "o_proj", self.head_dim, self.num_heads, query="q_proj", key="k_proj",
+                              value="v_proj", num_kv_heads=self.num_kv_heads, kept_heads=self.kept_heads)
 
     def _slice_projections(self, positions):
         kept = [self.kept_heads[p] for p in positions]
@@ -210,14 +212,15 @@ class LlamaDecoderLayer(nn.Cell):
         self.mlp = LlamaMLP(config)
 
     def construct(self, hidden_states, attention_bias, position_ids):
-        attended, penalty = self.self_attn(self.input_layernorm(hidden_states), attention_bias, position_ids)
-        hidden_states = hidden_states + attended
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states)), penalty
+        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), attention_bias,
+                                                       position_ids)
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
 class LlamaPreTrainedCell(PreTrainedCell):
     config_class = LlamaConfig
     backbone_prefix = "model"
+    layer_call = LayerCall(hidden=0, mask=1, per_token=2)  # position_ids, for the rotary angles
     # rotary tables some older checkpoints saved; we compute them
     _ignored_checkpoint_keys = (".rotary_emb.inv_freq",)
 
@@ -252,8 +255,7 @@ class LlamaPreTrainedCell(PreTrainedCell):
 
 
 class LlamaModel(LlamaPreTrainedCell):
-    """Returns the final (normalised) hidden states (batch, seq, hidden_size) (and the gate
-    penalty when gated). ``position_ids`` default to 0..seq-1 for every row, as Hugging Face's
+    """Returns the final (normalised) hidden states (batch, seq, hidden_size). ``position_ids`` default to 0..seq-1 for every row, as Hugging Face's
     with right padding."""
 
     def __init__(self, config):
@@ -271,18 +273,13 @@ class LlamaModel(LlamaPreTrainedCell):
             position_ids = ops.broadcast_to(ops.arange(seq).astype(ms.int32).reshape(1, seq), (batch, seq))
         attention_bias = causal_attention_bias(seq, attention_mask)
         hidden = self.embed_tokens(input_ids)
-        penalty = ops.zeros((), ms.float32)
         for layer in self.layers:
-            hidden, layer_penalty = layer(hidden, attention_bias, position_ids)
-            penalty = penalty + layer_penalty
-        hidden = self.norm(hidden)
-        if self.return_penalty:
-            return hidden, penalty
-        return hidden
+            hidden = layer(hidden, attention_bias, position_ids)
+        return self.norm(hidden)
 
 
 class LlamaForCausalLM(LlamaPreTrainedCell):
-    """Returns logits (batch, seq, vocab_size) (and the gate penalty when gated). With
+    """Returns logits (batch, seq, vocab_size). With
     ``tie_word_embeddings`` the output projection is the token embedding (no ``lm_head``
     parameter; a checkpoint's copy of it is ignored)."""
 
@@ -306,15 +303,10 @@ class LlamaForCausalLM(LlamaPreTrainedCell):
         return "model."
 
     def construct(self, input_ids, attention_mask=None, position_ids=None):
-        outputs = self.model(input_ids, attention_mask, position_ids)
-        hidden = outputs[0] if self.return_penalty else outputs
+        hidden = self.model(input_ids, attention_mask, position_ids)
         if self.tied:
-            logits = ops.matmul(hidden, self.model.embed_tokens.weight.T)
-        else:
-            logits = self.lm_head(hidden)
-        if self.return_penalty:
-            return logits, outputs[1]
-        return logits
+            return ops.matmul(hidden, self.model.embed_tokens.weight.T)
+        return self.lm_head(hidden)
 
     def _extra_flops(self, seq_len):
         # the tied output projection is a matmul with the embedding, not a Linear cell

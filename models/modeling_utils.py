@@ -17,6 +17,8 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from ms_prune.fileio import atomic_write
+from ms_prune.protocol import (LayerCall, LayerWrapper, TransformerAdapter, checked_units, refresh, resolve_path,
+                               slice_projection, unit_columns)
 
 logger = logging.getLogger(__name__)
 
@@ -244,10 +246,9 @@ class OutputBias(nn.Cell):
 class HeadPrunableAttention(nn.Cell):
     """Base of the multi-head attentions: bookkeeping of which original heads remain.
 
-    Subclasses build their projections for ``self.kept_heads`` (original head numbers) and
-    implement ``_slice_projections(positions)``, keeping heads at those current positions.
-    ``head_gate`` is None, or a Cell (``ms_prune.heads.ConcreteGate``) that multiplies the
-    per-head attention output (axis 1 of (batch, heads, seq, head_dim)) and has ``get_penalty()``.
+    Subclasses build their projections for ``self.kept_heads`` (original head numbers),
+    implement ``_slice_projections(positions)``, keeping heads at those current positions, and
+    ``heads()``, their declaration for the model protocol (``ms_prune.protocol.AttentionHeads``).
     """
 
     def __init__(self, num_heads, head_dim, kept_heads, dropout):
@@ -258,13 +259,12 @@ class HeadPrunableAttention(nn.Cell):
         self.num_heads = len(self.kept_heads)
         self.scale = 1.0 / math.sqrt(head_dim)
         self.attn_dropout = nn.Dropout(p=dropout)
-        self.head_gate = None
 
     def attend(self, q, k, v, attention_bias, batch, seq):
         """Scaled dot-product attention; q/k/v of shape (batch, seq, heads * head_dim).
 
-        Returns the per-head context merged to (batch, seq, heads * head_dim) and the gate
-        penalty (0 when ungated).
+        Returns the per-head context merged to (batch, seq, heads * head_dim): the input of the
+        output projection, where head gates sit (``ms_prune.protocol.GatedInput``).
         """
         shape = (batch, seq, self.num_heads, self.head_dim)
         q = q.reshape(shape).transpose(0, 2, 1, 3)
@@ -280,12 +280,7 @@ class HeadPrunableAttention(nn.Cell):
         scores = ops.matmul(q, keys_t) * self.scale + attention_bias
         probs = self.attn_dropout(ops.softmax(scores, -1))
         context = ops.matmul(probs, v)
-        penalty = ops.zeros((), ms.float32)
-        if self.head_gate is not None:
-            context = self.head_gate(context)
-            penalty = self.head_gate.get_penalty()
-        context = context.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.head_dim)
-        return context, penalty
+        return context.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.head_dim)
 
     def prune_heads(self, heads):
         """Remove the given original head numbers (already validated) that are still here."""
@@ -296,21 +291,17 @@ class HeadPrunableAttention(nn.Cell):
         self._slice_projections(positions)
         self.kept_heads = [self.kept_heads[i] for i in positions]
         self.num_heads = len(self.kept_heads)
-        if self.head_gate is not None:
-            self.head_gate.keep(positions)
 
     def _slice_projections(self, positions):
         raise NotImplementedError
 
-    def output_projection(self):
-        """(cell, layout) of the projection reading the per-head context; layout 'linear' (weight
-        (out, in)) or 'conv1d' (weight (in, out))."""
+    def heads(self):
+        """This attention's ``AttentionHeads`` declaration."""
         raise NotImplementedError
 
     def head_columns(self, positions):
         """Feature indices (within one projection of width heads*head_dim) of heads at positions."""
-        return np.concatenate([np.arange(p * self.head_dim, (p + 1) * self.head_dim) for p in positions]
-                              ) if positions else np.zeros((0,), np.int64)
+        return unit_columns(positions, self.head_dim)
 
     def attention_flops(self, seq_len):
         """Scores (QK^T) and context (PV) matmuls for one sequence."""
@@ -319,99 +310,31 @@ class HeadPrunableAttention(nn.Cell):
 
 class NeuronPrunableFFN(nn.Cell):
     """Base of the Cells computing an FFN's activation (B, S, intermediate): bookkeeping of which
-    original intermediate neurons remain (``kept_neurons``, original numbers). ``neuron_gate`` is
-    None, or a Cell multiplying the activation on its last axis (``gated``); being None by
-    default, it leaves the unmasked graph as it was. A width of 0 is allowed: the FFN then adds
-    only its output bias (the model's ``ffn_projections`` hook says where the projections are)."""
+    original intermediate neurons remain (``kept_neurons``, original numbers). A width of 0 is
+    allowed: the FFN then adds only its output bias (the model's ``ffn_units`` says where the
+    projections are)."""
 
     def __init__(self, total_neurons, kept_neurons):
         super().__init__()
         self.total_neurons = total_neurons
         self.kept_neurons = list(kept_neurons)
         self.num_neurons = len(self.kept_neurons)
-        self.neuron_gate = None
-
-    def gated(self, activation):
-        if self.neuron_gate is not None:
-            return self.neuron_gate(activation)
-        return activation
 
 
 def slice_output_projection(projection, columns, layout):
-    """Keep input features ``columns`` of an output projection (``layout``: 'linear' or 'conv1d')."""
-    bias = projection.bias.asnumpy() if projection.bias is not None else None
+    """Keep input features ``columns`` of an output projection (``layout``: 'linear' or 'conv1d');
+    with none kept, what is left: an ``OutputBias``."""
     if len(columns) == 0:
+        bias = projection.bias.asnumpy() if projection.bias is not None else None
         return OutputBias(bias, projection.out_features)
-    weight = projection.weight.asnumpy()
-    if layout == "linear":
-        return Linear(len(columns), weight.shape[0], weight=np.ascontiguousarray(weight[:, columns]), bias=bias,
-                      has_bias=bias is not None)
-    return Conv1D(len(columns), weight.shape[1], weight=np.ascontiguousarray(weight[columns, :]), bias=bias)
+    return slice_projection(projection, columns, layout, axis="in")
 
 
 def slice_input_projection(projection, rows, layout):
     """Keep output features ``rows`` of a Q/K/V projection, or None when none are kept."""
     if len(rows) == 0:
         return None
-    weight = projection.weight.asnumpy()
-    bias = projection.bias.asnumpy()[rows] if projection.bias is not None else None
-    if layout == "linear":
-        return Linear(weight.shape[1], len(rows), weight=np.ascontiguousarray(weight[rows, :]), bias=bias,
-                      has_bias=bias is not None)
-    return Conv1D(weight.shape[0], len(rows), weight=np.ascontiguousarray(weight[:, rows]), bias=bias)
-
-
-class LayerWrapper(nn.Cell):
-    """Base of Cells that wrap one transformer layer (token dropping, layer dropping) without
-    changing the model's parameter names.
-
-    The wrapped layer is held unregistered as ``self.layer`` and its sub-Cells are registered on
-    the wrapper under their own names, so a wrapped model's parameters (and its Hugging Face
-    checkpoints) are named exactly as the unwrapped model's; ``set_train`` reaches the layer too.
-    """
-
-    def __init__(self, layer):
-        super().__init__()
-        if not isinstance(layer, nn.Cell):
-            raise TypeError(f"{type(self).__name__} wraps a mindspore.nn.Cell, got {type(layer).__name__}")
-        if isinstance(layer, type(self)):
-            raise ValueError(f"this layer is already wrapped by {type(layer).__name__}")
-        object.__setattr__(self, "layer", layer)
-        full_names = [(param, param.name) for param in layer.get_parameters()]
-        for name, cell in layer.name_cells().items():
-            setattr(self, name, cell)
-        # Registering renames the parameters relative to this wrapper ("ln_1.weight"); MindSpore's
-        # CellList assignment of the wrapper derives its prefix from the full names, so keep them.
-        for param, name in full_names:
-            param.name = name
-
-    def set_train(self, mode=True):
-        super().set_train(mode)
-        self.layer.set_train(mode)
-        return self
-
-
-def _checked_units(owner, unit, to_prune, totals):
-    """Validate ``{layer: [unit, ...]}`` against per-layer totals before any surgery, so a bad
-    index changes nothing; returns {layer: set(units)}."""
-    if not isinstance(to_prune, dict):
-        raise TypeError(f"{owner} takes {{layer: [{unit}s]}}, got {type(to_prune).__name__}")
-    checked = {}
-    for layer, units in to_prune.items():
-        if isinstance(layer, str) and layer.isdigit() and layer.isascii():
-            layer = int(layer)  # JSON object keys (config.json, a JSON plan) are strings
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-            raise TypeError(f"{owner}: layer keys must be ints (or digit strings such as '0'), "
-                            f"got {layer!r} ({type(layer).__name__})")
-        if not 0 <= layer < len(totals):
-            raise ValueError(f"{owner}: layer {layer!r} is out of range; the model has layers 0..{len(totals) - 1}")
-        units = [units] if isinstance(units, (int, np.integer)) else list(units)
-        total = totals[layer]
-        bad = [u for u in units if isinstance(u, bool) or not isinstance(u, (int, np.integer)) or not 0 <= u < total]
-        if bad:
-            raise ValueError(f"{owner}: layer {layer} has {unit}s 0..{total - 1}; {unit}(s) {bad} are out of range")
-        checked[int(layer)] = {int(u) for u in units}
-    return checked
+    return slice_projection(projection, rows, layout, axis="out")
 
 
 def check_model_inputs(owner, input_ids, attention_mask, max_positions, position_key):
@@ -514,7 +437,6 @@ class PreTrainedCell(nn.Cell):
         if not isinstance(config, self.config_class):
             raise TypeError(f"{type(self).__name__} needs a {self.config_class.__name__}, got {type(config).__name__}")
         self.config = config
-        self.return_penalty = False
         self.loading_info = {}
 
     # ---- structure ----------------------------------------------------------------------
@@ -527,17 +449,18 @@ class PreTrainedCell(nn.Cell):
         raise NotImplementedError
 
     def refresh_after_surgery(self):
-        """Call after replacing sub-Cells. Names every Parameter by its path in the model (or
-        checkpoints would silently drop or collide on tensors), and makes graph mode compile
-        anew: MindSpore caches a Cell's graph by its creation time and id, so a model run before
-        surgery would otherwise keep running its old graph with the old weights. Cells that wrap
-        this model (loss or train-step cells) hold their own graphs: build them after surgery."""
-        for name, param in self.parameters_and_names():
-            param.name = name
-        stamp = time.time_ns()
-        for _, cell in self.cells_and_names():
-            object.__setattr__(cell, "_create_time", stamp)
-        return self
+        """Call after replacing sub-Cells: ``ms_prune.protocol.refresh`` (parameters named by their
+        paths, and graph mode compiles anew)."""
+        return refresh(self)
+
+    # ---- the model protocol -------------------------------------------------------------------
+    # how a transformer layer is called; Llama's layers also take position_ids
+    layer_call = LayerCall(hidden=0, mask=1)
+    skippable_layers = True  # pre-LN layers: x + f(x)
+
+    def transformer_adapter(self):
+        """This model's declaration of ``ms_prune.protocol`` (what every algorithm reads)."""
+        return PreTrainedAdapter(self)
 
     # ---- naming ---------------------------------------------------------------------------
     @classmethod
@@ -735,7 +658,7 @@ class PreTrainedCell(nn.Cell):
         only the output projection's bias; the residual path stays).
         """
         layers = self.attention_layers()
-        checked = _checked_units("prune_heads", "head", heads_to_prune, [a.total_heads for a in layers])
+        checked = checked_units("prune_heads", "head", heads_to_prune, [a.total_heads for a in layers])
         for layer, heads in checked.items():
             layers[layer].prune_heads(heads)
             self._record_pruned("pruned_heads", layer, heads)
@@ -752,13 +675,12 @@ class PreTrainedCell(nn.Cell):
 
     # ---- FFN neuron pruning -------------------------------------------------------------------
     def ffn_layers(self):
-        """The ``NeuronPrunableFFN`` Cells (where a neuron gate sits), in layer order."""
+        """The ``NeuronPrunableFFN`` Cells (which neurons remain), in layer order."""
         raise NotImplementedError
 
-    def ffn_projections(self, layer):
-        """Where layer ``layer``'s FFN projections are: ``((owner, attribute, layout), (owner,
-        attribute, layout))`` for the input projection (one output feature per neuron) and the
-        output projection (one input feature per neuron); layout 'linear' or 'conv1d'."""
+    def ffn_units(self, layer):
+        """Layer ``layer``'s FFN neurons: an ``ms_prune.protocol.FFNUnits`` naming its input
+        projection(s) (one output feature per neuron) and its output projection."""
         raise NotImplementedError
 
     def prune_ffn_neurons(self, neurons_to_prune):
@@ -767,60 +689,26 @@ class PreTrainedCell(nn.Cell):
         saved model reloads with the same shapes. Layers may keep different widths, down to 0
         (the FFN then adds only its output bias; the residual path stays)."""
         ffns = self.ffn_layers()
-        checked = _checked_units("prune_ffn_neurons", "neuron", neurons_to_prune, [f.total_neurons for f in ffns])
+        checked = checked_units("prune_ffn_neurons", "neuron", neurons_to_prune, [f.total_neurons for f in ffns])
         for layer, neurons in checked.items():
             ffn = ffns[layer]
             positions = [i for i, n in enumerate(ffn.kept_neurons) if n not in neurons]
             if len(positions) < ffn.num_neurons:
-                (in_owner, in_name, in_layout), (out_owner, out_name, out_layout) = self.ffn_projections(layer)
+                units = self.ffn_units(layer)
                 rows = np.asarray(positions, np.int64)
-                setattr(in_owner, in_name, slice_input_projection(getattr(in_owner, in_name), rows, in_layout))
-                setattr(out_owner, out_name, slice_output_projection(getattr(out_owner, out_name), rows, out_layout))
+                for path in units.inputs:
+                    owner, name = resolve_path(units.cell, path)
+                    setattr(owner, name, slice_input_projection(getattr(owner, name), rows, units.layout))
+                owner, name = units.output_slot()
+                setattr(owner, name, slice_output_projection(getattr(owner, name), rows, units.layout))
                 ffn.kept_neurons = [ffn.kept_neurons[i] for i in positions]
                 ffn.num_neurons = len(positions)
-                if ffn.neuron_gate is not None:
-                    ffn.neuron_gate.keep(positions)
             self._record_pruned("pruned_ffn_neurons", layer, neurons)
         self.refresh_after_surgery()
         return self
 
     def neurons_per_layer(self):
         return [ffn.num_neurons for ffn in self.ffn_layers()]
-
-    # ---- LRP head gates (ms_prune.heads; owned by the LRP head pruner) -------------------------
-    def _set_return_penalty(self, flag):
-        # The task model unpacks its backbone's outputs, so both must agree.
-        self.return_penalty = flag
-        backbone = self._backbone() if hasattr(self, "_backbone") else self
-        backbone.return_penalty = flag
-
-    def apply_gates(self, l0_penalty=1.0, return_penalty=True, **gate_kwargs):
-        """Put a ``ConcreteGate`` on the heads of every attention layer (from this model down)
-        and, with ``return_penalty``, make the model return the summed gate penalty as its last
-        output. ``gate_kwargs`` go to ``ConcreteGate`` (temperature, stretch_limits, eps,
-        threshold, init_log_a, host_noise). A layer whose heads are all pruned gets no gate."""
-        from ms_prune.heads.concrete_gate import ConcreteGate
-        for attention in self.attention_layers():
-            attention.head_gate = (ConcreteGate(attention.num_heads, l0_penalty=l0_penalty, **gate_kwargs)
-                                   if attention.num_heads else None)
-        self._set_return_penalty(bool(return_penalty))
-        return self.refresh_after_surgery()
-
-    def remove_gates(self):
-        """Drop the gates; the model returns its plain outputs again."""
-        for attention in self.attention_layers():
-            attention.head_gate = None
-        self._set_return_penalty(False)
-        return self.refresh_after_surgery()
-
-    def get_gate_values(self):
-        """Evaluation gate values per layer (numpy, one per current head; empty for a layer
-        without heads), or None for an ungated model. A value of 0 means the head is closed."""
-        gates = [attention.head_gate for attention in self.attention_layers()]
-        if all(gate is None for gate in gates):
-            return None
-        return [gate.gate_values() if gate is not None else np.zeros((0,), np.float32) for gate in gates]
-    # ---- end of LRP head gates ---------------------------------------------------------------
 
     # ---- counting ---------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings=False):
@@ -851,3 +739,40 @@ class PreTrainedCell(nn.Cell):
 
     def _extra_flops(self, seq_len):
         return 0
+
+
+class PreTrainedAdapter(TransformerAdapter):
+    """The model protocol of our models: layers, attention heads and FFN neurons from the model's
+    own hooks; surgery and counting by the model's own methods (which record what they removed in
+    the config, so a saved model reloads, and allow a layer to lose every head)."""
+
+    empty_layers_allowed = True
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.layer_call = model.layer_call
+        self.skippable_layers = bool(model.skippable_layers)
+
+    def layers(self):
+        return self.model.transformer_layers()
+
+    def attention(self, layer):
+        return self.model.attention_layers()[layer].heads()
+
+    def ffn(self, layer):
+        try:
+            return self.model.ffn_units(layer)
+        except NotImplementedError:
+            return None
+
+    def prune_heads(self, heads_to_prune):
+        return self.model.prune_heads(heads_to_prune)
+
+    def prune_ffn_neurons(self, neurons_to_prune):
+        return self.model.prune_ffn_neurons(neurons_to_prune)
+
+    def num_parameters(self):
+        return self.model.num_parameters()
+
+    def forward_flops(self, seq_len, batch_size=1):
+        return self.model.forward_flops(seq_len, batch_size)

@@ -2,6 +2,9 @@
 
 * ``ms_prune.engine``: the algorithm engine (Event, State, Algorithm, Engine, the graph-mode
   Trainer, AlgorithmCallback for ``Model.train``) on which every algorithm below runs.
+* ``ms_prune.protocol``: the model protocol, what a transformer declares (its layers, how a layer is
+  called, where its heads and FFN neurons are) so that every algorithm works on it; the
+  algorithms know no model class.
 * ``ms_prune.models``: BERT, GPT-2 and Llama Cells that load and save Hugging Face checkpoints and
   physically prune attention heads (and FFN neurons).
 * ``ms_prune.heads``: LRP (Hard-Concrete / L0) head pruning.

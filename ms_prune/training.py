@@ -101,26 +101,19 @@ def lm_cross_entropy(logits, labels):
 
 
 class LMLoss(nn.Cell):
-    """Mean next-token cross-entropy of a model returning (batch, seq, vocab) logits; adds the
-    model's penalty when it returns (logits, penalty)."""
+    """Mean next-token cross-entropy of a model returning (batch, seq, vocab) logits."""
 
-    def __init__(self, model, with_penalty=False):
+    def __init__(self, model):
         super().__init__()
         self.model = model
-        self.with_penalty = with_penalty
 
     def construct(self, input_ids, labels):
-        outputs = self.model(input_ids)
-        logits = outputs[0] if self.with_penalty else outputs
-        loss = lm_cross_entropy(logits, labels)
-        if self.with_penalty:
-            return loss + outputs[1]
-        return loss
+        return lm_cross_entropy(self.model(input_ids), labels)
 
 
 def lm_perplexity(model, tokens, batch_size, seq_len, max_batches=None):
     """exp(mean next-token cross-entropy) over consecutive windows of ``tokens``, in evaluation
-    mode (the model's mode is restored after). Gated models' (logits, penalty) outputs work too."""
+    mode (the model's mode is restored after). A model returning a tuple gives its logits first."""
     from ms_prune.data import lm_eval_windows
     was_training = model.training
     model.set_train(False)

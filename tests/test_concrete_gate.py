@@ -52,7 +52,7 @@ def test_defaults_and_gates_start_open(mode):
     assert (gate.temperature, gate.stretch_limits, gate.l0_penalty, gate.eps) == (0.33, (-0.1, 1.1), 1.0, 1e-6)
     assert gate.threshold == CLOSED_THRESHOLD
     gate.set_train(False)
-    values = Tensor(np.ones((2, 5, 3, 4), np.float32))
+    values = Tensor(np.ones((2, 3, 5, 4), np.float32))
     np.testing.assert_array_equal(gate(values).asnumpy(), 1.0)
     np.testing.assert_array_equal(gate.gate_values(), 1.0)
 
@@ -61,11 +61,11 @@ def test_eval_gates_are_the_formula_and_draw_no_noise(mode):
     log_a = np.array([4.0, 1.0, 0.3, 0.0, -0.2, -2.0, -5.0], np.float32)
     net = GateAndPenalty(ConcreteGate(7, threshold=0.0, init_log_a=log_a))
     net.set_train(False)
-    values = Tensor(np.random.default_rng(0).normal(size=(2, 7, 3, 4)).astype(np.float32))
+    values = Tensor(np.random.default_rng(0).normal(size=(2, 3, 7, 4)).astype(np.float32))
     out1, penalty = net(values)
     out2, _ = net(values)
     np.testing.assert_array_equal(out1.asnumpy(), out2.asnumpy())  # deterministic
-    expected = values.asnumpy() * eval_formula(log_a).reshape(1, 7, 1, 1)
+    expected = values.asnumpy() * eval_formula(log_a).reshape(1, 1, 7, 1)
     np.testing.assert_allclose(out1.asnumpy(), expected, rtol=1e-5, atol=1e-6)
     expected_l0 = np.sum(sigmoid(log_a - T * math.log(-GAMMA / ZETA)))
     np.testing.assert_allclose(float(penalty.asnumpy()), expected_l0, rtol=1e-5)
@@ -77,7 +77,7 @@ def test_default_threshold_closes_gates_at_or_below_half(mode):
     gate.set_train(False)
     raw = eval_formula(log_a)
     want = np.where(raw > 0.5, raw, 0.0)
-    got = gate(Tensor(np.ones((1, 4, 1, 1), np.float32))).asnumpy().reshape(-1)
+    got = gate(Tensor(np.ones((4, 1), np.float32))).asnumpy().reshape(-1)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     np.testing.assert_allclose(gate.gate_values(), want, rtol=1e-5)
     assert got[2] == 0.0 and got[1] > 0.5
@@ -89,8 +89,8 @@ def test_training_noise_matches_the_hard_concrete_distribution(mode):
     for log_a in (-0.5, 0.8):
         gate = ConcreteGate(n, init_log_a=log_a)
         gate.set_train(True)
-        samples = gate(Tensor(np.ones((1, n), np.float32))).asnumpy().reshape(-1)
-        again = gate(Tensor(np.ones((1, n), np.float32))).asnumpy().reshape(-1)
+        samples = gate(Tensor(np.ones((n, 1), np.float32))).asnumpy().reshape(-1)
+        again = gate(Tensor(np.ones((n, 1), np.float32))).asnumpy().reshape(-1)
         assert not np.array_equal(samples, again)  # fresh noise every call, also when compiled
         assert samples.min() >= 0.0 and samples.max() <= 1.0
         p_zero = cdf(0.0, log_a)
@@ -113,14 +113,14 @@ def test_gradients_of_penalty_and_training_gates(mode):
     def penalty_only(values):
         return net(values)[1]
 
-    grad = ms.grad(penalty_only, None, [gate.log_a])(Tensor(np.ones((1, 3), np.float32)))[0].asnumpy()
+    grad = ms.grad(penalty_only, None, [gate.log_a])(Tensor(np.ones((3, 1), np.float32)))[0].asnumpy()
     z = log_a - T * math.log(-GAMMA / ZETA)
     np.testing.assert_allclose(grad, 0.25 * sigmoid(z) * (1 - sigmoid(z)), rtol=1e-4)
 
     def gated_sum(values):
         return net(values)[0].sum()
 
-    grads = [ms.grad(gated_sum, None, [gate.log_a])(Tensor(np.ones((1, 3), np.float32)))[0].asnumpy()
+    grads = [ms.grad(gated_sum, None, [gate.log_a])(Tensor(np.ones((3, 1), np.float32)))[0].asnumpy()
              for _ in range(20)]
     assert np.all(np.stack(grads) >= 0) and np.any(np.stack(grads) > 0)  # d gate / d log_a >= 0
 

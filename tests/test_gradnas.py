@@ -9,6 +9,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from ms_prune.heads import apply_lrp
 from ms_prune.gradnas import GradNAS, apply_gradnas, compute_scores
 from ms_prune.gradnas import masks as gradnas_masks
 from ms_prune.gradnas.gradnas import GradNASScores
@@ -117,7 +118,8 @@ def test_scores_accumulate_over_batches_in_the_graph(mode):
 
 
 def test_existing_gate_is_refused():
-    model = bert().apply_gates()
+    model = bert()
+    apply_lrp(model)
     with pytest.raises(ValueError, match="already has a head gate"):
         compute_scores(model, bert_loss(model), bert_batches(1))
 
@@ -126,8 +128,8 @@ def test_existing_gate_is_refused():
 def _zero_neurons(model, neurons):
     """The masked reference: the same model with those neurons' output-projection columns zeroed."""
     for layer, units in neurons.items():
-        owner, name, layout = model.ffn_projections(layer)[1]
-        projection = getattr(owner, name)
+        units = model.ffn_units(layer)
+        projection, layout = units.output_projection(), units.layout
         weight = projection.weight.asnumpy().copy()
         if layout == "linear":
             weight[:, units] = 0

@@ -16,7 +16,7 @@ from mindspore import Tensor, ops
 from safetensors import safe_open
 
 from conftest import fetch_or_skip
-from ms_prune import hub
+from ms_prune import hub, protocol
 from ms_prune.data import read_wikitext2
 from ms_prune.heads import AbstractHeadPrunerLRP, train_gated
 from ms_prune.models.llama import LlamaConfig, LlamaForCausalLM, LlamaModel, greedy_generate
@@ -194,7 +194,7 @@ def test_pruned_save_load_round_trip(pynative_llama, tmp_path, variant):
 # ---------------------------------------------------------------------------- layer contract
 
 def test_layer_contract_and_rotary_positions(mode):
-    """Layers take (hidden, bias, position_ids) -> (hidden, penalty). Rotary attention depends
+    """Layers take (hidden, bias, position_ids) -> hidden. Rotary attention depends
     only on position differences, so shifting every position changes nothing while reversing the
     order changes the output: the layer really uses the positions it is given."""
     model = LlamaModel.from_pretrained(fixture("tied"))
@@ -205,10 +205,10 @@ def test_layer_contract_and_rotary_positions(mode):
     hidden = Tensor(rng.normal(size=(2, 6, 32)).astype(np.float32))
     bias = Tensor(np.zeros((1, 1, 6, 6), np.float32))  # full attention: only positions order tokens
     positions = np.tile(np.arange(6, dtype=np.int32), (2, 1))
-    out, penalty = layers[0](hidden, bias, Tensor(positions))
-    assert out.shape == (2, 6, 32) and penalty.shape == () and float(penalty.asnumpy()) == 0.0
-    shifted, _ = layers[0](hidden, bias, Tensor(positions + 7))
-    reversed_, _ = layers[0](hidden, bias, Tensor(positions[:, ::-1].copy()))
+    out = layers[0](hidden, bias, Tensor(positions))
+    assert out.shape == (2, 6, 32)
+    shifted = layers[0](hidden, bias, Tensor(positions + 7))
+    reversed_ = layers[0](hidden, bias, Tensor(positions[:, ::-1].copy()))
     np.testing.assert_allclose(shifted.asnumpy(), out.asnumpy(), atol=1e-4)
     assert np.abs(reversed_.asnumpy() - out.asnumpy()).max() > 1e-2
     ids = Tensor(REF["llama_input_ids"].astype(np.int32))
@@ -218,10 +218,6 @@ def test_layer_contract_and_rotary_positions(mode):
 
 # ------------------------------------------------------------------------------------- LRP
 
-class HeadPrunerLlamaLRP(AbstractHeadPrunerLRP):
-    backbone_class = LlamaModel
-
-
 def lm_loss(logits, labels):
     return ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
@@ -230,14 +226,13 @@ def test_lrp_gated_equals_pruned(mode):
     """Gates close query heads (a whole key/value group in layer 0, every head of layer 1); the
     pruned model computes what the gated one computes in evaluation."""
     model = LlamaForCausalLM.from_pretrained(fixture("untied"))
-    pruner = HeadPrunerLlamaLRP(model)
+    pruner = AbstractHeadPrunerLRP(model)  # no Llama-specific pruner: the model protocol says it all
     gated = pruner.decorate_model()
-    gates = [a.head_gate for a in gated.attention_layers()]
+    gates = protocol.gates_of(gated, "head")
     gates[0].set_log_a([-5.0, -5.0, 0.3, 5.0])
     gates[1].set_log_a([-5.0] * 4)
     gated.set_train(False)
-    want, penalty = forward(gated)
-    assert penalty > 0
+    want = forward(gated)
     pruned = pruner.prune_model(gated)
     assert pruned is model and pruned.heads_per_layer() == [2, 0]
     assert pruned.attention_layers()[0].kept_kv_heads == [1]
@@ -247,7 +242,7 @@ def test_lrp_gated_equals_pruned(mode):
 def test_lrp_trains_on_llama():
     set_context("graph", seed=3)
     model = LlamaForCausalLM.from_pretrained(fixture("tied"))
-    pruner = HeadPrunerLlamaLRP(model, target_heads=5, warmup_steps=2)
+    pruner = AbstractHeadPrunerLRP(model, target_heads=5, warmup_steps=2)
     gated = pruner.decorate_model()
     rng = np.random.default_rng(0)
 
@@ -259,6 +254,31 @@ def test_lrp_trains_on_llama():
     train_gated(pruner, gated, lm_loss, batches(), steps=3, lr=1e-3, gate_lr=0.1, log=None)
     pruned = pruner.prune_model(gated)
     assert sum(pruned.heads_per_layer()) == 5
+
+
+class LMLossNet(ms.nn.Cell):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def construct(self, ids, labels):
+        return lm_loss(self.model(ids), labels)
+
+
+def test_gradnas_prunes_llama_heads_through_the_protocol(mode):
+    """GradNAS on grouped-query attention: heads only (no FFN declared), the budget met; a
+    key/value group goes with its last query head, saving more than predicted, never less."""
+    from ms_prune.gradnas import apply_gradnas
+    model = LlamaForCausalLM.from_pretrained(fixture("untied"))
+    rng = np.random.default_rng(0)
+    batches = [(Tensor(ids[:, :-1]), Tensor(ids[:, 1:])) for ids in
+               (rng.integers(0, 100, (2, 9)).astype(np.int32) for _ in range(2))]
+    before = model.forward_flops(8)
+    result = apply_gradnas(model, LMLossNet(model), batches, constraints={"flops": "90%"}, seq_len=8)
+    assert result["neurons_per_layer"] == [] and sum(result["heads_per_layer"]) < 8
+    assert model.forward_flops(8) <= result["budget"] <= 0.9 * before
+    assert model.heads_per_layer() == result["heads_per_layer"]
+    assert forward(model).shape == (2, 9, model.config.vocab_size)
 
 
 @pytest.fixture
@@ -296,7 +316,7 @@ def test_gguf_conversion_round_trip(pynative_llama, tmp_path):
     gguf = pytest.importorskip("gguf")
     from safetensors.numpy import load_file
     from tokenizers import Tokenizer
-    from ms_prune.convert_gguf import gguf_llama_to_hf
+    from ms_prune.models.convert_gguf import gguf_llama_to_hf
     config = LlamaConfig.from_pretrained(fixture("tied"))
     state = load_file(os.path.join(fixture("tied"), "model.safetensors"))
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]

@@ -5,6 +5,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, ops
 
+from ms_prune import protocol
 from ms_prune.engine import Algorithm, Event, Trainer
 from ms_prune.heads import LRP, apply_lrp, prune_lrp
 from ms_prune.heads.algorithm import write_lrp_decision
@@ -41,7 +42,7 @@ class GatedProbe(Algorithm):
         self.output = state.model(PROBE_IDS).asnumpy()
         state.model.set_train(True)
         self.summary = self.lrp.summary(state.model)
-        self.gates = [a.head_gate.raw_gate_values() for a in state.model.attention_layers()]
+        self.gates = [g.raw_gate_values() for g in protocol.gates_of(state.model, "head")]
 
 
 # AdamWeightDecay (no bias correction) moves log_a by about 3 x gate_lr per early step, from 3.66
@@ -74,7 +75,7 @@ def test_functional_form_prunes_what_evaluation_shows(mode):
     gated = model(PROBE_IDS).asnumpy()
     removed = prune_lrp(model, target_heads=5)
     assert sum(model.heads_per_layer()) == 5 and sum(len(v) for v in removed.values()) == 3
-    assert all(a.head_gate is None for a in model.attention_layers())
+    assert protocol.gates_of(model, "head") == [None] * len(model.attention_layers())
     np.testing.assert_allclose(model(PROBE_IDS).asnumpy(), gated, rtol=1e-5, atol=1e-5)
 
 

@@ -1,8 +1,12 @@
-"""A pruner for a new model is a short subclass: here for a small transformer defined in this file."""
+"""A model written on our base classes (``PreTrainedCell``, ``HeadPrunableAttention``) declares the
+model protocol with two methods (``transformer_layers``, and ``heads`` on its attention) and gets LRP
+with no pruner of its own: here a small transformer defined in this file. (A model not on our
+classes: tests/test_foreign_model.py.)"""
 import numpy as np
 import pytest
 from mindspore import Tensor, nn, ops
 
+from ms_prune import protocol
 from ms_prune.heads import AbstractHeadPrunerLRP, train_gated
 from ms_prune.models.modeling_utils import (HeadPrunableAttention, LayerNorm, Linear, PreTrainedCell,
                                             PretrainedConfig, slice_input_projection, slice_output_projection)
@@ -23,12 +27,16 @@ class TinyAttention(HeadPrunableAttention):
 
     def construct(self, x, bias):
         if self.num_heads == 0:  # every head pruned: the projection leaves its bias
-            return self.out(x), ops.zeros((), x.dtype)
+            return self.out(x)
         inner = self.num_heads * self.head_dim
         qkv = self.qkv(x)
-        context, penalty = self.attend(qkv[:, :, :inner], qkv[:, :, inner:2 * inner], qkv[:, :, 2 * inner:],
-                                       bias, x.shape[0], x.shape[1])
-        return self.out(context), penalty
+        context = self.attend(qkv[:, :, :inner], qkv[:, :, inner:2 * inner], qkv[:, :, 2 * inner:],
+                              bias, x.shape[0], x.shape[1])
+        return self.out(context)
+
+    def heads(self):
+        return protocol.AttentionHeads(self, "out", self.head_dim, self.num_heads, qkv="qkv",
+                                       kept_heads=self.kept_heads)
 
     def _slice_projections(self, positions):
         columns = self.head_columns(positions)
@@ -40,6 +48,7 @@ class TinyAttention(HeadPrunableAttention):
 
 class TinyEncoder(PreTrainedCell):
     config_class = TinyConfig
+    skippable_layers = False  # its blocks are post-norm
 
     def __init__(self, config):
         super().__init__(config)
@@ -55,22 +64,21 @@ class TinyEncoder(PreTrainedCell):
     def attention_layers(self):
         return list(self.blocks)
 
+    def transformer_layers(self):
+        return self.blocks
+
     def construct(self, ids):
         x = self.embed(ids)
         bias = ops.zeros((1, 1, 1, ids.shape[1]), x.dtype)
-        penalty = ops.zeros((), x.dtype)
         for block in self.blocks:
-            out, block_penalty = block(x, bias)
-            x = self.norm(x + out)
-            penalty = penalty + block_penalty
-        if self.return_penalty:
-            return x, penalty
+            x = self.norm(x + block(x, bias))
         return x
 
 
 class TinyClassifier(PreTrainedCell):
     config_class = TinyConfig
     base_model_prefix = "encoder"
+    skippable_layers = False
 
     def __init__(self, config):
         super().__init__(config)
@@ -83,21 +91,11 @@ class TinyClassifier(PreTrainedCell):
     def attention_layers(self):
         return self.encoder.attention_layers()
 
+    def transformer_layers(self):
+        return self.encoder.transformer_layers()
+
     def construct(self, ids):
-        outputs = self.encoder(ids)
-        hidden = outputs[0] if self.return_penalty else outputs
-        logits = self.head(hidden.mean(1))
-        if self.return_penalty:
-            return logits, outputs[1]
-        return logits
-
-
-# The whole pruner for the new model family:
-class HeadPrunerTinyLRP(AbstractHeadPrunerLRP):
-    backbone_class = TinyEncoder
-
-    def output_projection(self, attention):
-        return attention.out, "linear"
+        return self.head(self.encoder(ids).mean(1))
 
 
 @pytest.fixture(params=["graph", "pynative"])
@@ -113,8 +111,7 @@ def ce(logits, labels):
 
 def test_subclass_trains_and_prunes(mode):
     model = TinyClassifier(TinyConfig())
-    pruner = HeadPrunerTinyLRP(model, target_heads=3, warmup_steps=2)
-    assert pruner.backbone is model.encoder and pruner.task_head_names == ["head.weight", "head.bias"]
+    pruner = AbstractHeadPrunerLRP(model, target_heads=3, warmup_steps=2)
     gated = pruner.decorate_model()
     rng = np.random.default_rng(0)
 
@@ -129,18 +126,19 @@ def test_subclass_trains_and_prunes(mode):
     pruned = pruner.prune_model(gated)
     assert sum(pruned.heads_per_layer()) == 3
     pruned.set_train(False)
-    np.testing.assert_allclose(pruned(ids).asnumpy(), gated(ids)[0].asnumpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(pruned(ids).asnumpy(), gated(ids).asnumpy(), rtol=1e-5, atol=1e-5)
 
 
 def test_subclass_with_whole_layer_closed(mode):
     model = TinyEncoder(TinyConfig())
-    pruner = HeadPrunerTinyLRP(model)
+    pruner = AbstractHeadPrunerLRP(model)
     gated = pruner.decorate_model()
-    gated.attention_layers()[1].head_gate.set_log_a([-5.0] * 4)
-    gated.attention_layers()[0].head_gate.set_log_a([5.0, 0.3, -5.0, 2.0])
+    gates = protocol.gates_of(gated, "head")
+    gates[1].set_log_a([-5.0] * 4)
+    gates[0].set_log_a([5.0, 0.3, -5.0, 2.0])
     gated.set_train(False)
     ids = Tensor(np.arange(12, dtype=np.int32).reshape(2, 6))
-    want = gated(ids)[0].asnumpy()
+    want = gated(ids).asnumpy()
     pruned = pruner.prune_model(gated)
     assert pruned.heads_per_layer() == [3, 0]
     pruned.set_train(False)

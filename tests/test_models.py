@@ -45,8 +45,8 @@ def run(model, ids, mask):
 def remove_contributions(model, heads):
     """Reference for pruning: zero what the heads feed into the output projection."""
     for layer, layer_heads in heads.items():
-        attention = model.attention_layers()[layer]
-        dense, layout = attention.output_projection()
+        attention = model.attention_layers()[layer].heads()
+        dense, layout = attention.output_projection(), attention.layout
         weight = dense.weight.asnumpy().copy()
         for h in layer_heads:
             cols = slice(h * attention.head_dim, (h + 1) * attention.head_dim)

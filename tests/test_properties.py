@@ -8,6 +8,7 @@ import mindspore as ms
 from hypothesis import HealthCheck, given, settings, strategies as st
 from mindspore import Parameter, Tensor, nn, ops
 
+from ms_prune import protocol
 from ms_prune.models.bert import BertConfig, BertForSequenceClassification
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from ms_prune.training import set_context
@@ -29,13 +30,10 @@ class HeadMask(nn.Cell):
 
     def __init__(self, keep):
         super().__init__()
-        self.mask = Parameter(Tensor(np.asarray(keep, np.float32).reshape(1, -1, 1, 1)), requires_grad=False)
+        self.mask = Parameter(Tensor(np.asarray(keep, np.float32).reshape(-1, 1)), requires_grad=False)
 
     def construct(self, context):
         return context * self.mask
-
-    def get_penalty(self):
-        return ops.zeros((), ms.float32)
 
 
 def build(kind):
@@ -46,9 +44,8 @@ def build(kind):
 
 def masked_reference(kind, removed):
     model = build(kind)
-    for layer, attention in enumerate(model.attention_layers()):
-        attention.head_gate = HeadMask([h not in removed.get(layer, ()) for h in range(HEADS)])
-    model.refresh_after_surgery()
+    protocol.attach_gates(model, "head",
+                          lambda layer, _: HeadMask([h not in removed.get(layer, ()) for h in range(HEADS)]))
     return model(IDS, MASK).asnumpy()
 
 

@@ -13,6 +13,7 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor
 
+from ms_prune import protocol
 from ms_prune.models.bert import BertConfig, BertForSequenceClassification
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
 
@@ -158,8 +159,8 @@ def test_lrp_prune_model_twice_says_it_already_pruned():
     model = bert()
     pruner = HeadPrunerBertLRP(model)
     gated = pruner.decorate_model()
-    for attention, log_a in zip(gated.attention_layers(), [[3.0, -3.0, 3.0, 3.0], [3.0] * 4]):
-        attention.head_gate.set_log_a(log_a)
+    for gate, log_a in zip(protocol.gates_of(gated, "head"), [[3.0, -3.0, 3.0, 3.0], [3.0] * 4]):
+        gate.set_log_a(log_a)
     pruner.prune_model(gated)
     assert model.heads_per_layer() == [3, 4]
     weights = {n: p.asnumpy() for n, p in model.parameters_and_names()}

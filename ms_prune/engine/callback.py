@@ -8,6 +8,8 @@ refused when the callback is built, with the reason and the ``Trainer`` named.
 """
 from mindspore.train import Callback
 
+from ms_prune import protocol
+
 from .engine import Engine
 from .event import Event
 from .state import State
@@ -35,8 +37,7 @@ class AlgorithmCallback(Callback):
         self.state = State(model, algorithms, seed=seed)
         self.engine = Engine(self.state)
         self.engine.run_event(Event.INIT)
-        if hasattr(model, "refresh_after_surgery"):
-            model.refresh_after_surgery()
+        protocol.refresh(model)
         self.state.structure_changed = False  # the user builds the network and Model after this
 
     def loss_net(self, loss_net):

@@ -17,6 +17,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from ms_prune import protocol
 from ms_prune.fileio import atomic_write
 from ms_prune.training import compiled_graph_count, make_train_step
 from ms_prune.validation import check_int, check_number
@@ -137,8 +138,7 @@ class Trainer:
     def _build(self):
         """(Re)build the loss Cell and the optimizer for the model as it is now; drop the steps."""
         state = self.state
-        if hasattr(state.model, "refresh_after_surgery"):
-            state.model.refresh_after_surgery()
+        protocol.refresh(state.model)
         terms = [term for algorithm in state.algorithms for term in algorithm.loss_terms(state)]
         # -1: all but the last array of a batch go to the model
         loss_net = ModelLoss(state.model, self.loss_fn, self.num_inputs or -1)

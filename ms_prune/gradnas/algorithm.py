@@ -4,6 +4,7 @@ It subclasses ``ms_prune.engine.Algorithm`` when the engine is importable; witho
 still works on any object with the engine's ``State`` attributes (``model``, ``loss_net``,
 ``step``, ``structure_changed``), so the package never depends on the engine being present.
 """
+from ms_prune import protocol
 from ms_prune.validation import check_bool, check_choice, check_int
 
 from .gradnas import GRADIENT_METHODS, METHODS, apply_gradnas, resolve_budget
@@ -73,8 +74,10 @@ class GradNAS(Algorithm):
             return
         if _event_name(event) == "AFTER_LOAD":
             # prune_* skip units already gone, so this is safe on a model rebuilt pruned too
-            state.model.prune_heads(self._to_restore["heads"])
-            state.model.prune_ffn_neurons(self._to_restore["neurons"])
+            model_adapter = protocol.adapter(state.model)
+            model_adapter.prune_heads(self._to_restore["heads"])
+            if self._to_restore["neurons"]:
+                model_adapter.prune_ffn_neurons(self._to_restore["neurons"])
             self.pruned, self._to_restore, self.done = self._to_restore, None, True
             state.structure_changed = True
             return

@@ -12,6 +12,7 @@ import time
 import numpy as np
 from mindspore import Tensor, nn
 
+from ms_prune import protocol
 from ms_prune.fileio import atomic_write
 from ms_prune.validation import check_bool, check_choice, check_instance, check_int, check_number
 
@@ -58,8 +59,7 @@ class GradNASScores:
                    values["method"], values["num_batches"], values["seconds"])
 
     def check_matches(self, model, owner):
-        heads = [a.kept_heads for a in model.attention_layers()]
-        neurons = [f.kept_neurons for f in model.ffn_layers()]
+        heads, neurons = _model_units(model)
         if heads != self.kept_heads or neurons != self.kept_neurons:
             raise ValueError(f"{owner}: these scores were computed for a model with heads per layer "
                              f"{[len(k) for k in self.kept_heads]} and neurons per layer "
@@ -68,7 +68,11 @@ class GradNASScores:
 
 
 def _model_units(model):
-    return [a.kept_heads for a in model.attention_layers()], [f.kept_neurons for f in model.ffn_layers()]
+    """Original numbers of the current heads and FFN neurons per layer (no neurons: a model that
+    declares no prunable FFN)."""
+    model_adapter = protocol.adapter(model)
+    attentions, ffns = model_adapter.attentions(), model_adapter.ffns()
+    return [a.kept for a in attentions], [f.kept for f in ffns] if ffns is not None else [[] for _ in attentions]
 
 
 def _as_batch(batch):
@@ -127,22 +131,21 @@ def _gradient_scores(model, loss_net, batches, absolute):
 def _out_slices(model):
     """Per layer: the output-projection slice of every head (heads, head_dim, hidden) and the
     output-projection row of every neuron (neurons, hidden), as what each unit writes."""
+    model_adapter = protocol.adapter(model)
     heads, neurons = [], []
-    for attention in model.attention_layers():
-        projection, layout = attention.output_projection()
+    for attention in model_adapter.attentions():
         if not attention.num_heads:
             heads.append(np.zeros((0, attention.head_dim, 0), np.float32))
             continue
-        weight = projection.weight.asnumpy()
-        by_input = weight.T if layout == "linear" else weight  # (heads * head_dim, hidden)
+        weight = attention.output_projection().weight.asnumpy()
+        by_input = weight.T if attention.layout == "linear" else weight  # (heads * head_dim, hidden)
         heads.append(by_input.reshape(attention.num_heads, attention.head_dim, -1))
-    for layer, ffn in enumerate(model.ffn_layers()):
+    for ffn in model_adapter.ffns() or []:
         if not ffn.num_neurons:
             neurons.append(np.zeros((0, 0), np.float32))
             continue
-        owner, name, layout = model.ffn_projections(layer)[1]
-        weight = getattr(owner, name).weight.asnumpy()
-        neurons.append(weight.T if layout == "linear" else weight)
+        weight = ffn.output_projection().weight.asnumpy()
+        neurons.append(weight.T if ffn.layout == "linear" else weight)
     return heads, neurons
 
 
@@ -177,6 +180,8 @@ def compute_scores(model, loss_net=None, batches=None, method="fisher", num_batc
         rng = np.random.default_rng(seed)
         heads = [rng.random(len(k)) for k in kept_heads]
         neurons = [rng.random(len(k)) for k in kept_neurons]
+    if not len(neurons):  # a model without prunable FFN neurons: none per layer
+        neurons = [np.zeros(0) for _ in kept_neurons]
     return GradNASScores(heads, neurons, kept_heads, kept_neurons, method, count, time.perf_counter() - start)
 
 
@@ -235,15 +240,15 @@ def _refit(model, loss_net, batches, keep_heads, keep_neurons):
     """Fold the least-squares mask values of the kept units into the output projections (before
     the surgery removes the others). Returns per-layer relative errors without / with refit."""
     head_grams, neuron_grams = _contribution_grams(model, loss_net, batches)
-    attentions = model.attention_layers()
+    model_adapter = protocol.adapter(model)
+    attentions, ffns = model_adapter.attentions(), model_adapter.ffns()
 
     def head_target(layer, kept):
-        projection, layout = attentions[layer].output_projection()
-        return projection, layout, attentions[layer].head_columns(list(kept)), attentions[layer].head_dim
+        heads = attentions[layer]
+        return heads.output_projection(), heads.layout, protocol.unit_columns(kept, heads.head_dim), heads.head_dim
 
     def neuron_target(layer, kept):
-        owner, name, layout = model.ffn_projections(layer)[1]
-        return getattr(owner, name), layout, kept, 1
+        return ffns[layer].output_projection(), ffns[layer].layout, kept, 1
 
     report = {}
     for kind, grams, keeps, target in (("head", head_grams, keep_heads, head_target),
@@ -328,9 +333,24 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
     check_instance(owner, "scores", scores, GradNASScores)
     scores.check_matches(model, owner)
     values, costs, table = _units(scores, cost_model)
-    keep, details = select(selector, values, costs, table[:, 0], table[:, 1], budget - cost_model.base)
+    model_adapter = protocol.adapter(model)
+    # a model whose layers cannot lose every unit keeps each layer's best head (and neuron)
+    forced = np.zeros(len(values), bool)
+    if not model_adapter.empty_layers_allowed:
+        for group in np.unique(table[:, 1]):
+            members = np.flatnonzero(table[:, 1] == group)
+            forced[members[np.argmax(values[members])]] = True
+    room = budget - cost_model.base - int(costs[forced].sum())
+    if room < 0:
+        raise ValueError(f"{owner}: constraints={constraints!r} asks for {metric} <= {budget:,}, but this model keeps "
+                         f"at least one head and one FFN neuron per layer (its adapter's empty_layers_allowed is "
+                         f"False): the smallest reachable {metric} is {cost_model.base + int(costs[forced].sum()):,}")
+    free = ~forced
+    keep_free, details = select(selector, values[free], costs[free], table[free, 0], table[free, 1], room)
+    keep = forced.copy()
+    keep[free] = keep_free
 
-    attentions, ffns = model.attention_layers(), model.ffn_layers()
+    attentions, ffns = model_adapter.attentions(), model_adapter.ffns() or []
     keep_heads = [keep[(table[:, 0] == 0) & (table[:, 2] == layer)] for layer in range(len(attentions))]
     keep_neurons = [keep[(table[:, 0] == 1) & (table[:, 2] == layer)] for layer in range(len(ffns))]
     refit_report = None
@@ -339,23 +359,27 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
             refit_batches = batches
         check_instance(owner, "loss_net", loss_net, nn.Cell)
         refit_report = _refit(model, loss_net, _take(owner, refit_batches, None), keep_heads, keep_neurons)
-    pruned_heads = {layer: [a.kept_heads[p] for p in np.flatnonzero(~k)]
+    pruned_heads = {layer: [a.kept[p] for p in np.flatnonzero(~k)]
                     for layer, (a, k) in enumerate(zip(attentions, keep_heads)) if (~k).any()}
-    pruned_neurons = {layer: [f.kept_neurons[p] for p in np.flatnonzero(~k)]
+    pruned_neurons = {layer: [f.kept[p] for p in np.flatnonzero(~k)]
                       for layer, (f, k) in enumerate(zip(ffns, keep_neurons)) if (~k).any()}
-    model.prune_heads(pruned_heads)
-    model.prune_ffn_neurons(pruned_neurons)
+    model_adapter.prune_heads(pruned_heads)
+    if pruned_neurons:
+        model_adapter.prune_ffn_neurons(pruned_neurons)
 
     after = _costs(model, seq_len)
-    predicted = cost_model.cost_of(model.heads_per_layer(), model.neurons_per_layer())
-    if after[metric] != predicted:
+    heads_per_layer, neurons_per_layer = model_adapter.heads_per_layer(), model_adapter.neurons_per_layer() or []
+    predicted = cost_model.cost_of(heads_per_layer, neurons_per_layer)
+    grouped = any(a.num_kv_heads != a.num_heads for a in attentions)
+    # grouped-query attention: a whole group removed saves its key/value slices too (see selection)
+    if after[metric] > predicted or (after[metric] != predicted and not grouped):
         raise RuntimeError(f"{owner}: the model's {metric} after pruning is {after[metric]:,}, the cost model "
                            f"predicted {predicted:,}: its structure is not what selection.CostModel assumes")
     result = {
         "selector": selector, "method": scores.method, "metric": metric, "seq_len": seq_len,
         "budget": budget, "constraint": {metric: constraints[metric]},
         "pruned_heads": pruned_heads, "pruned_neurons": pruned_neurons,
-        "heads_per_layer": model.heads_per_layer(), "neurons_per_layer": model.neurons_per_layer(),
+        "heads_per_layer": heads_per_layer, "neurons_per_layer": neurons_per_layer,
         "before": before, "after": after,
         "ratios": {m: (after[m] / before[m] if before[m] else None) for m in METRICS},
         "reachable": [cost_model.base, cost_model.current],

@@ -1,50 +1,30 @@
 """The Cells GradNAS puts into a model: unit masks (whose gradients are the scores), the one-graph
 scoring step, and the capture Cells that collect what the refit needs.
 
-All of them sit in the model's existing hooks: ``HeadPrunableAttention.head_gate`` (multiplies
-axis 1 of the per-head context (B, heads, S, head_dim)) and ``NeuronPrunableFFN.neuron_gate``
-(multiplies the last axis of the FFN activation (B, S, neurons)). They are Parameters inside
-Cells because forward hooks are ignored in graph mode.
+All of them are gates of ``ms_prune.protocol``: they sit on the input of a layer's output
+projection (attention: the per-head context, (..., heads, head_dim); FFN: the activation,
+(..., neurons, 1)), which the model protocol declares, so no model code knows them. They are
+Parameters inside Cells because forward hooks are ignored in graph mode.
 """
 import numpy as np
 import mindspore as ms
 from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
-HEAD_AXIS, HEAD_NDIM = 1, 4
-NEURON_AXIS, NEURON_NDIM = 2, 3
+from ms_prune import protocol
 
 
-def _broadcast_shape(size, axis, ndim):
-    shape = [1] * ndim
-    shape[axis] = size
-    return tuple(shape)
-
-
-class _GateBase(nn.Cell):
-    """What the attention's gate slot expects besides ``construct``: a penalty (none here)."""
-
-    def get_penalty(self):
-        return ops.zeros((), ms.float32)
-
-
-class UnitMask(_GateBase):
+class UnitMask(nn.Cell):
     """A mask of ones, one entry per unit; ``d loss / d mask`` is the unit's score."""
 
-    def __init__(self, size, axis, ndim):
+    def __init__(self, size):
         super().__init__()
-        self.axis, self.ndim = axis, ndim
-        self.shape = _broadcast_shape(size, axis, ndim)
-        self.mask = Parameter(Tensor(np.ones((size,), np.float32)), name="gradnas_mask")
+        self.mask = Parameter(Tensor(np.ones((size,), np.float32)), name="mask")
 
     def construct(self, x):
-        return x * self.mask.reshape(self.shape)
-
-    def keep(self, positions):
-        self.mask.set_data(Tensor(self.mask.asnumpy()[list(positions)]))
-        self.shape = _broadcast_shape(len(positions), self.axis, self.ndim)
+        return x * self.mask.reshape(-1, 1)
 
 
-class HeadGram(_GateBase):
+class HeadGram(nn.Cell):
     """Accumulates G[h, g] = sum over tokens of <A_h, A_g>, A_h being head h's contribution to the
     attention output (its context times its slice of the output projection), so that the refit
     solves its least squares from an (heads x heads) matrix instead of every token's output."""
@@ -52,69 +32,55 @@ class HeadGram(_GateBase):
     def __init__(self, head_slices):
         super().__init__()
         heads = head_slices.shape[0]
-        self.slices = Parameter(Tensor(head_slices.astype(np.float32)), name="gradnas_head_slices",
-                                requires_grad=False)
-        self.gram = Parameter(Tensor(np.zeros((heads, heads), np.float32)), name="gradnas_head_gram",
-                              requires_grad=False)
+        self.slices = Parameter(Tensor(head_slices.astype(np.float32)), name="slices", requires_grad=False)
+        self.gram = Parameter(Tensor(np.zeros((heads, heads), np.float32)), name="gram", requires_grad=False)
 
     def construct(self, context):
-        heads, head_dim = context.shape[1], context.shape[3]
-        per_head = context.transpose(1, 0, 2, 3).reshape(heads, -1, head_dim)
+        heads, head_dim = context.shape[-2], context.shape[-1]
+        per_head = context.reshape(-1, heads, head_dim).transpose(1, 0, 2)
         contribution = ops.bmm(per_head, self.slices).reshape(heads, -1)
         update = ops.assign_add(self.gram, ops.matmul(contribution, contribution.T))
         return ops.depend(context, update)
 
 
-class NeuronGram(_GateBase):
+class NeuronGram(nn.Cell):
     """Accumulates the activations' Gram matrix a^T a over tokens; times the Gram matrix of the
     output-projection columns it gives the neurons' contribution Gram matrix (see ``HeadGram``)."""
 
     def __init__(self, neurons):
         super().__init__()
-        self.gram = Parameter(Tensor(np.zeros((neurons, neurons), np.float32)), name="gradnas_neuron_gram",
-                              requires_grad=False)
+        self.gram = Parameter(Tensor(np.zeros((neurons, neurons), np.float32)), name="gram", requires_grad=False)
 
     def construct(self, activation):
-        flat = activation.reshape(-1, activation.shape[-1])
+        flat = activation.reshape(-1, activation.shape[-2])
         update = ops.assign_add(self.gram, ops.matmul(flat.T, flat))
         return ops.depend(activation, update)
 
 
-def _slots(model):
-    """(kind, Cells holding the slot, slot attribute, unit count attribute) per unit kind."""
-    return (("head", model.attention_layers(), "head_gate", "num_heads"),
-            ("neuron", model.ffn_layers(), "neuron_gate", "num_neurons"))
-
-
 def attach(model, make_head, make_neuron):
-    """Put ``make_head(layer, attention)`` / ``make_neuron(layer, ffn)`` (a Cell or None) in every
-    layer's gate slots; returns (head cells, neuron cells) per layer (None for an empty layer)."""
-    made = []
-    for (kind, holders, slot, count), make in zip(_slots(model), (make_head, make_neuron)):
-        cells = []
-        for layer, holder in enumerate(holders):
-            if getattr(holder, slot) is not None:
-                raise ValueError(f"GradNAS: layer {layer} already has a {kind} gate ({type(getattr(holder, slot)).__name__}"
-                                 f" in {slot}); remove it first (LRP gates: model.remove_gates())")
-            cell = make(layer, holder) if getattr(holder, count) else None
-            setattr(holder, slot, cell)
-            cells.append(cell)
-        made.append(cells)
-    model.refresh_after_surgery()
-    return made[0], made[1]
+    """Put ``make_head(layer, heads)`` / ``make_neuron(layer, ffn)`` (a Cell or None) on every
+    layer's heads and, where the model declares prunable FFN neurons, on its neurons; returns
+    (head cells, neuron cells) per layer (None for an empty layer; neuron cells [] when the model
+    declares no FFN neurons)."""
+    heads = protocol.attach_gates(model, "head", make_head)
+    if protocol.adapter(model).ffns() is None:
+        return heads, []
+    try:
+        return heads, protocol.attach_gates(model, "neuron", make_neuron)
+    except Exception:
+        protocol.detach_gates(model, "head")
+        raise
 
 
 def detach(model):
     """Remove whatever ``attach`` put in; graph mode compiles the unmasked model anew."""
-    for _, holders, slot, _ in _slots(model):
-        for holder in holders:
-            setattr(holder, slot, None)
-    model.refresh_after_surgery()
+    protocol.detach_gates(model, "head")
+    if protocol.adapter(model).ffns() is not None:
+        protocol.detach_gates(model, "neuron")
 
 
 def attach_masks(model):
-    return attach(model, lambda _, a: UnitMask(a.num_heads, HEAD_AXIS, HEAD_NDIM),
-                  lambda _, f: UnitMask(f.num_neurons, NEURON_AXIS, NEURON_NDIM))
+    return attach(model, lambda _, heads: UnitMask(heads.num_heads), lambda _, ffn: UnitMask(ffn.num_neurons))
 
 
 class ScoreStep(nn.Cell):

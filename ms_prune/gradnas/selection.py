@@ -2,13 +2,19 @@
 
 The cost of a model is linear in its heads and neurons per layer:
 ``cost = base + sum_l heads_l * head_cost_l + sum_l neurons_l * neuron_cost_l``. The unit costs
-come from the projection shapes (the Cells with ``in_features``/``out_features`` inside an
-attention layer, and the FFN projections the model's ``ffn_projections`` hook names); ``base`` is
-measured with the model's own counters (``forward_flops``/``num_parameters``), so predicted and
+come from the shapes of the projections the model protocol declares (``ms_prune.protocol``:
+a head's slice of Q/K/V and of the output projection, plus its attention matmuls; a neuron's row
+of the FFN input projection(s) and column of the output projection); ``base`` is measured with the
+model's own counters (the adapter's ``forward_flops``/``num_parameters``), so predicted and
 measured costs agree exactly, which ``apply_gradnas`` checks after the surgery.
+
+Grouped-query attention: a key/value head goes only with its whole group of query heads, so a
+query head is charged its Q and output slices and its attention matmuls, and the key/value
+projections stay in ``base``; removing a whole group then saves more than predicted, never less.
 """
 import numpy as np
 
+from ms_prune import protocol
 from ms_prune.validation import check_amount_or_percent, check_choice, check_instance, check_int
 
 METRICS = ("flops", "params")
@@ -16,42 +22,49 @@ SELECTORS = ("global", "bisect")
 
 
 def measure(model, metric, seq_len):
-    return int(model.forward_flops(seq_len)) if metric == "flops" else int(model.num_parameters())
+    model_adapter = protocol.adapter(model)
+    return int(model_adapter.forward_flops(seq_len)) if metric == "flops" else int(model_adapter.num_parameters())
 
 
-def _projections(cell):
-    return [c for _, c in cell.cells_and_names()
-            if hasattr(c, "in_features") and hasattr(c, "out_features") and hasattr(c, "weight")]
+def _dims(cell, layout):
+    """(in_features, out_features, has_bias) of a projection Cell from its weight's shape."""
+    rows, cols = cell.weight.shape
+    has_bias = 1 if getattr(cell, "bias", None) is not None else 0
+    return (cols, rows, has_bias) if layout == "linear" else (rows, cols, has_bias)
 
 
-def _bias_width(projection):
-    return 1 if getattr(projection, "bias", None) is not None else 0
+def _cost(weights, biases, metric, seq_len):
+    """Parameters, or FLOPs (2 per weight per token; biases are elementwise work)."""
+    return 2 * weights * seq_len if metric == "flops" else weights + biases
 
 
-def head_cost(attention, metric, seq_len):
-    """What one head of ``attention`` costs: its slice of every input projection (weights and
-    bias), its columns of the output projection (whose bias stays), and its attention matmuls."""
-    heads, head_dim = attention.num_heads, attention.head_dim
-    output = attention.output_projection()[0]
-    cost = attention.attention_flops(seq_len) // heads if metric == "flops" else 0
-    for projection in _projections(attention):
-        if projection is output:
-            size = head_dim * projection.out_features
-        else:
-            width = projection.out_features // heads
-            size = width * projection.in_features + (0 if metric == "flops" else width * _bias_width(projection))
-        cost += 2 * size * seq_len if metric == "flops" else size
-    return cost
+def head_cost(heads, metric, seq_len):
+    """What one head of ``heads`` (an ``AttentionHeads``) costs: its slice of the query (and, without
+    grouping, key and value) projections with their bias, its columns of the output projection
+    (whose bias stays), and its attention matmuls."""
+    dim, layout = heads.head_dim, heads.layout
+    cost = protocol.attention_flops(1, dim, seq_len) if metric == "flops" else 0
+    if heads.qkv is not None:
+        inputs, _, bias = _dims(protocol.resolve_cell(heads.cell, heads.qkv), layout)
+        cost += _cost(3 * dim * inputs, 3 * dim * bias, metric, seq_len)
+    else:
+        paths = (heads.query,) if heads.num_kv_heads != heads.num_heads else (heads.query, heads.key, heads.value)
+        for path in paths:
+            inputs, _, bias = _dims(protocol.resolve_cell(heads.cell, path), layout)
+            cost += _cost(dim * inputs, dim * bias, metric, seq_len)
+    _, outputs, _ = _dims(heads.output_projection(), layout)
+    return cost + _cost(dim * outputs, 0, metric, seq_len)
 
 
-def neuron_cost(model, layer, metric, seq_len):
-    """What one FFN neuron costs: a row of the input projection (and its bias), a column of the
+def neuron_cost(ffn, metric, seq_len):
+    """What one FFN neuron costs: a row of each input projection (and its bias), a column of the
     output projection."""
-    (in_owner, in_name, _), (out_owner, out_name, _) = model.ffn_projections(layer)
-    inputs, outputs = getattr(in_owner, in_name), getattr(out_owner, out_name)
-    if metric == "flops":
-        return 2 * (inputs.in_features + outputs.out_features) * seq_len
-    return inputs.in_features + _bias_width(inputs) + outputs.out_features
+    cost = 0
+    for path in ffn.inputs:
+        inputs, _, bias = _dims(protocol.resolve_cell(ffn.cell, path), ffn.layout)
+        cost += _cost(inputs, bias, metric, seq_len)
+    _, outputs, _ = _dims(ffn.output_projection(), ffn.layout)
+    return cost + _cost(outputs, 0, metric, seq_len)
 
 
 class CostModel:
@@ -59,10 +72,10 @@ class CostModel:
 
     def __init__(self, model, metric, seq_len):
         self.metric, self.seq_len = metric, seq_len
-        attentions, ffns = model.attention_layers(), model.ffn_layers()
+        model_adapter = protocol.adapter(model)
+        attentions, ffns = model_adapter.attentions(), model_adapter.ffns() or []
         self.head_costs = [head_cost(a, metric, seq_len) if a.num_heads else 0 for a in attentions]
-        self.neuron_costs = [neuron_cost(model, l, metric, seq_len) if f.num_neurons else 0
-                             for l, f in enumerate(ffns)]
+        self.neuron_costs = [neuron_cost(f, metric, seq_len) if f.num_neurons else 0 for f in ffns]
         self.current = measure(model, metric, seq_len)
         self.base = self.current - self.cost_of([a.num_heads for a in attentions],
                                                 [f.num_neurons for f in ffns], with_base=False)

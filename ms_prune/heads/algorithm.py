@@ -1,34 +1,35 @@
 """LRP as an engine algorithm: gates on the model itself (no copy), trained with the model, then
 the closed heads removed in place; recovery is simply training on after the pruning step."""
-import numpy as np
-from mindspore import nn, ops
-
+from ms_prune import protocol
 from ms_prune.engine import Algorithm, Event
 from ms_prune.validation import check_choice, check_int, check_number
 
-from .concrete_gate import CLOSED_THRESHOLD, check_gate_args
-from .lrp import LRPObjective, PENALTY_NORMALIZATIONS, decide_heads, fold_gate_values
+from .concrete_gate import CLOSED_THRESHOLD, ConcreteGate, check_gate_args
+from .lrp import GateObjective, LRPObjective, PENALTY_NORMALIZATIONS, decide_heads, fold_gate_values
 
 __all__ = ["LRP", "apply_lrp", "prune_lrp", "remove_lrp"]
 
 
 def _gates(model):
-    return [a.head_gate for a in model.attention_layers()]
+    return protocol.gates_of(model, "head")
 
 
 def apply_lrp(model, l0_penalty=1.0, host_noise=False, **gate_kwargs):
-    """Put a ``ConcreteGate`` on every attention layer of ``model`` (in place); the model's outputs
-    stay what they were (the penalty is read from the gates, see ``GateObjective``). With the
-    gates fully open (their start) the model computes exactly what it computed before."""
-    model.apply_gates(l0_penalty=l0_penalty, return_penalty=False, host_noise=host_noise, **gate_kwargs)
-    return _gates(model)
+    """Put a ``ConcreteGate`` on the heads of every attention layer of ``model`` (in place: on the
+    input of its output projection, see ``ms_prune.protocol``); returns the gates per layer (None
+    for a layer without heads). The model's outputs stay what they were (the penalty is read from
+    the gates, see ``GateObjective``); with the gates fully open (their start) the model computes
+    exactly what it computed before. ``gate_kwargs`` go to ``ConcreteGate`` (temperature,
+    stretch_limits, eps, threshold, init_log_a)."""
+    return protocol.attach_gates(model, "head", lambda _, heads: ConcreteGate(
+        heads.num_heads, l0_penalty=l0_penalty, host_noise=host_noise, **gate_kwargs))
 
 
 def write_lrp_decision(model, target_heads=None):
     """Decide which heads stay (``decide_heads``) and make evaluation follow it; returns the
     kept positions per layer."""
     gates = _gates(model)
-    keep = decide_heads(gates, target_heads)
+    keep = decide_heads(gates, target_heads, keep_one=not protocol.adapter(model).empty_layers_allowed)
     for gate, kept in zip(gates, keep):
         if gate is not None:
             gate.write_decision(kept)
@@ -40,43 +41,24 @@ def prune_lrp(model, target_heads=None):
     projections and remove the gates: in evaluation the result computes what the gated model
     computed. Returns ``{layer: [original head numbers removed]}``."""
     keep = write_lrp_decision(model, target_heads)
+    model_adapter = protocol.adapter(model)
     removed = {}
-    for layer, (attention, kept) in enumerate(zip(model.attention_layers(), keep)):
-        gate = attention.head_gate
+    for layer, (attention, gate, kept) in enumerate(zip(model_adapter.attentions(), _gates(model), keep)):
         if gate is None:
             continue
-        fold_gate_values(attention, attention.output_projection(), kept, gate.gate_values())
-        dropped = [attention.kept_heads[p] for p in range(attention.num_heads) if p not in kept]
+        fold_gate_values(attention, kept, gate.gate_values())
+        dropped = [attention.kept[p] for p in range(attention.num_heads) if p not in kept]
         if dropped:
             removed[layer] = dropped
-    model.prune_heads(removed)
-    model.remove_gates()
+    protocol.detach_gates(model, "head")
+    model_adapter.prune_heads(removed)
     return removed
 
 
 def remove_lrp(model):
     """Drop the gates without pruning (``apply_lrp``'s inverse)."""
-    model.remove_gates()
+    protocol.detach_gates(model, "head")
     return model
-
-
-class GateObjective(nn.Cell):
-    """The gates' L0 term of the loss, read from the gates' ``log_a`` directly rather than from the
-    forward pass: a layer that PLD skips in a step, or tokens random-LTD leaves out, do not make
-    its gates' penalty vanish (which would bias the gates of often-skipped layers to stay open).
-    The gates stay registered in the model only (held here as a plain tuple), so their tensor
-    names do not change."""
-
-    def __init__(self, gates, objective):
-        super().__init__()
-        object.__setattr__(self, "gates", tuple(g for g in gates if g is not None))
-        self.objective = objective
-
-    def construct(self):
-        penalty = ops.zeros((), self.objective.target.dtype)
-        for gate in self.gates:
-            penalty = penalty + gate.get_penalty()
-        return self.objective(penalty)
 
 
 class LRP(Algorithm):
@@ -140,13 +122,13 @@ class LRP(Algorithm):
         elif event == Event.AFTER_LOAD:
             # the checkpoint holds the pruned model's tensors: rebuild its shapes (no folding, the
             # saved weights already carry the gate values)
-            state.model.remove_gates()
-            state.model.prune_heads(self._saved_pruned_heads)
+            protocol.detach_gates(state.model, "head")
+            protocol.adapter(state.model).prune_heads(self._saved_pruned_heads)
             self.pruned_heads = self._saved_pruned_heads
             state.structure_changed = True
 
     def _add_gates(self, model):
-        total = sum(a.num_heads for a in model.attention_layers())
+        total = sum(protocol.adapter(model).heads_per_layer())
         if total == 0:
             raise ValueError("LRP: the model has no attention heads left to gate")
         target = self.target_heads
@@ -173,7 +155,8 @@ class LRP(Algorithm):
     def _prune(self, state, logger):
         self.pruned_heads = prune_lrp(state.model, self.target)
         state.structure_changed = True
-        logger.info("LRP: pruned at step %d, heads per layer now %s", state.step, state.model.heads_per_layer())
+        logger.info("LRP: pruned at step %d, heads per layer now %s", state.step,
+                    protocol.adapter(state.model).heads_per_layer())
 
     # ---- what the compiled step needs ----------------------------------------------------------
     def loss_terms(self, state):
@@ -199,7 +182,7 @@ class LRP(Algorithm):
     def summary(self, model):
         """Open heads per layer by the current decision, and the gates' expected open count."""
         gates = _gates(model)
-        keep = decide_heads(gates, self.target)
+        keep = decide_heads(gates, self.target, keep_one=not protocol.adapter(model).empty_layers_allowed)
         return {"open_per_layer": [len(k) for k in keep], "open": sum(len(k) for k in keep),
                 "expected_open": float(sum(g.expected_open() for g in gates if g is not None))}
 

@@ -60,9 +60,10 @@ def check_gate_args(temperature, stretch_limits, l0_penalty, eps, threshold):
 class ConcreteGate(nn.Cell):
     """One Hard-Concrete gate per head of one attention layer.
 
-    ``construct(values)`` multiplies ``values`` (heads on axis 1, e.g. the (batch, heads, seq,
-    head_dim) attention context) by the gates: noisy, differentiable gates while the Cell is in
-    training mode (``set_train(True)``), deterministic ones otherwise. Train versus eval is a
+    ``construct(values)`` multiplies ``values`` (..., heads, head_dim) (the per-head context that
+    the attention's output projection reads, ``ms_prune.protocol.GatedInput``) by the gates:
+    noisy, differentiable gates while the Cell is in training mode (``set_train(True)``),
+    deterministic ones otherwise. Train versus eval is a
     compile-time branch on ``self.training``, so evaluation graphs contain no random op.
     Gates start open (evaluation gate 1) unless ``init_log_a`` says otherwise.
     """
@@ -107,8 +108,7 @@ class ConcreteGate(nn.Cell):
 
     def construct(self, values):
         gates = self.get_gates(self.training)
-        shape = (1, self.num_heads) + (1,) * (values.ndim - 2)
-        return values * gates.reshape(shape).astype(values.dtype)
+        return values * gates.reshape(self.num_heads, 1).astype(values.dtype)
 
     def get_penalty(self):
         """``l0_penalty`` times the expected number of open gates (a differentiable scalar)."""

@@ -6,16 +6,18 @@ copy of ``model`` with a ``ConcreteGate`` on every attention layer; train it wit
 copies the trained weights back into ``model``, folds the open gates into the output projections,
 removes the closed heads with ``model.prune_heads`` and returns ``model``.
 
-A pruner for another model is a short subclass: see ``AbstractHeadPrunerLRP`` and README.md.
+Any model that declares the model protocol (``ms_prune.protocol``) works: ours do, another is
+declared by a short adapter (README.md, "Your own model").
 """
 import copy
 
 import numpy as np
 from mindspore import Parameter, Tensor, nn, ops
 
+from ms_prune import protocol
 from ms_prune.training import write_parameter
 
-from .concrete_gate import CLOSED_THRESHOLD, check_gate_args
+from .concrete_gate import CLOSED_THRESHOLD, ConcreteGate, check_gate_args
 
 
 PENALTY_NORMALIZATIONS = ("heads", "none")
@@ -77,19 +79,40 @@ class LRPObjective(nn.Cell):
         return [self.lambda_1, self.lambda_2] if self.linear_term else [self.lambda_2]
 
 
-class LRPLoss(nn.Cell):
-    """``task_loss(model(*inputs)[0], labels) + objective(penalty)`` for a gated model (which
-    returns its penalty last). ``construct(*inputs, labels)``."""
+class GateObjective(nn.Cell):
+    """The gates' L0 term of the loss, read from the gates' ``log_a`` directly rather than from the
+    forward pass: a layer that PLD skips in a step, or tokens random-LTD leaves out, do not make
+    its gates' penalty vanish (which would bias the gates of often-skipped layers to stay open).
+    The gates stay registered in the model only (held here as a plain tuple), so their tensor
+    names do not change."""
 
-    def __init__(self, model, task_loss, objective):
+    def __init__(self, gates, objective):
+        super().__init__()
+        object.__setattr__(self, "gates", tuple(g for g in gates if g is not None))
+        self.objective = objective
+
+    def construct(self):
+        penalty = ops.zeros((), self.objective.target.dtype)
+        for gate in self.gates:
+            penalty = penalty + gate.get_penalty()
+        return self.objective(penalty)
+
+
+class LRPLoss(nn.Cell):
+    """``task_loss(model(*inputs), labels) + gate_term()`` for a gated model (the first output when
+    the model returns a tuple). ``construct(*inputs, labels)``."""
+
+    def __init__(self, model, task_loss, gate_term):
         super().__init__()
         self.model = model
         self.task_loss = task_loss
-        self.objective = objective
+        self.gate_term = gate_term
 
     def construct(self, *args):
         outputs = self.model(*args[:-1])
-        return self.task_loss(outputs[0], args[-1]) + self.objective(outputs[-1])
+        if isinstance(outputs, (tuple, list)):
+            outputs = outputs[0]
+        return self.task_loss(outputs, args[-1]) + self.gate_term()
 
 
 def _check_positive_number(owner, name, value, allow_zero=False):
@@ -102,8 +125,8 @@ def _check_positive_number(owner, name, value, allow_zero=False):
 class AbstractHeadPrunerLRP:
     """Learn which heads a model can lose (L0 / Hard-Concrete gates), then remove them.
 
-    ``model`` is a task model (``BertForSequenceClassification``, ``GPT2LMHeadModel``) or its bare
-    backbone; ``init_head`` tells them apart. Choose one of:
+    ``model`` is any model of the model protocol (``ms_prune.protocol``): ours (task models or
+    bare backbones) or one declared by an adapter. Choose one of:
 
     * ``l0_penalty`` (lambda): fixed penalty weight. With ``penalty_normalization='heads'`` (the
       default) the expected number of open heads is divided by the model's head count, so the
@@ -117,23 +140,14 @@ class AbstractHeadPrunerLRP:
     <= threshold are exactly 0) and pruning, so ``prune_model``'s result computes exactly what
     the gated model computes in evaluation.
 
-    A subclass for a new model family sets ``backbone_class``; it implements
-    ``output_projection(attention) -> (cell, layout)`` (layout 'linear': weight (out, in), as
-    ``nn.Linear``; 'conv1d': weight (in, out), as GPT-2's Conv1D) when its attention cells do
-    not implement ``output_projection()`` themselves. The model must be a
-    ``PreTrainedCell`` whose attentions are ``HeadPrunableAttention`` (see models/). Override
-    ``name_mapping`` when the gated copy names tensors differently and ``build_copy`` when the
-    model is not rebuilt from ``type(model)(config)``.
+    Override ``build_copy`` when the model is not rebuilt by ``type(model)(config)``, and
+    ``name_mapping`` when the gated copy names tensors differently.
     """
-
-    backbone_class = None
 
     def __init__(self, model, l0_penalty=1.0, target_heads=None, target_fraction=None,
                  penalty_normalization="heads", warmup_steps=0, linear_term=False, temperature=0.33,
                  stretch_limits=(-0.1, 1.1), eps=1e-6, threshold=CLOSED_THRESHOLD, init_log_a=None):
         owner = type(self).__name__
-        if self.backbone_class is None:
-            raise TypeError(f"{owner} does not set backbone_class; subclass AbstractHeadPrunerLRP for a model family")
         _check_positive_number(owner, "l0_penalty", l0_penalty, allow_zero=True)
         if penalty_normalization not in PENALTY_NORMALIZATIONS:
             raise ValueError(f"{owner}: penalty_normalization must be one of {PENALTY_NORMALIZATIONS}, "
@@ -142,8 +156,7 @@ class AbstractHeadPrunerLRP:
             raise ValueError(f"{owner}: warmup_steps must be an int >= 0, got {warmup_steps!r}")
         check_gate_args(temperature, stretch_limits, 1.0, eps, threshold)
         self.model = model
-        self.init_head()
-        self.total_heads = sum(a.num_heads for a in self.attention_layers(self.backbone))
+        self.total_heads = sum(protocol.adapter(model).heads_per_layer())
         if self.total_heads == 0:
             raise ValueError(f"{owner}: the model has no attention heads left to gate")
         self.target_heads = self._resolve_target(target_heads, target_fraction)
@@ -177,13 +190,7 @@ class AbstractHeadPrunerLRP:
                              f"got {target_heads!r}")
         return int(target_heads)
 
-    # ---- what a subclass provides ---------------------------------------------------------------
-    def output_projection(self, attention):
-        """(cell with .weight, layout) of the projection that reads the per-head context. The
-        attention cell knows it (``HeadPrunableAttention.output_projection``); override this only
-        for an attention that does not say."""
-        return attention.output_projection()
-
+    # ---- what a subclass may change -------------------------------------------------------------
     def name_mapping(self, names):
         """{original tensor name: gated-copy tensor name} for the original's tensors."""
         return {name: name for name in names}
@@ -192,33 +199,13 @@ class AbstractHeadPrunerLRP:
         """A fresh, ungated instance of the original's class and config."""
         return type(self.model)(copy.deepcopy(self.model.config))
 
-    def attention_layers(self, model):
-        return model.attention_layers()
-
     # ---- the three steps ----------------------------------------------------------------------
-    def init_head(self):
-        """Separate the backbone from the task head: ``self.backbone`` is the bare model (the
-        model itself when it is one) and ``self.task_head_names`` the task-head tensors."""
-        model = self.model
-        owner = type(self).__name__
-        if isinstance(model, self.backbone_class):
-            self.backbone, self.backbone_prefix = model, ""
-        else:
-            prefix = getattr(model, "base_model_prefix", "")
-            backbone = getattr(model, prefix, None) if prefix else None
-            if not isinstance(backbone, self.backbone_class):
-                raise TypeError(f"{owner} prunes {self.backbone_class.__name__} or a task model holding one as "
-                                f"its base_model_prefix attribute; got {type(model).__name__}")
-            self.backbone, self.backbone_prefix = backbone, prefix + "."
-        self.task_head_names = [name for name, _ in model.parameters_and_names()
-                                if not name.startswith(self.backbone_prefix)]
-        return self.backbone
-
     def decorate_model(self):
         """The gated copy: same class and config, a gate on every attention layer, and every
         tensor of the original copied by ``name_mapping`` (an uncopied tensor is an error)."""
         gated = self.build_copy()
-        gated.apply_gates(l0_penalty=self.gate_l0_penalty, **self.gate_kwargs)
+        protocol.attach_gates(gated, "head", lambda _, heads: ConcreteGate(
+            heads.num_heads, l0_penalty=self.gate_l0_penalty, **self.gate_kwargs))
         gate_names = self._gate_names(gated)
         source = dict(self.model.parameters_and_names())
         mapping = self.name_mapping(list(source))
@@ -231,7 +218,7 @@ class AbstractHeadPrunerLRP:
         return gated
 
     def _kept_heads(self):
-        return [list(a.kept_heads) for a in self.attention_layers(self.backbone)]
+        return [list(a.kept) for a in protocol.adapter(self.model).attentions()]
 
     def prune_model(self, gated_model):
         """Copy the trained weights back into the original model, fold the open gates into the
@@ -254,9 +241,9 @@ class AbstractHeadPrunerLRP:
                 f"{[len(h) for h in source_heads]}. prune_model runs once per decorate_model(); for "
                 f"another round call decorate_model() again and train the new copy")
         decision = self.decide(gated_model)
-        gated_attn = self.attention_layers(gated_model)
+        gates = protocol.gates_of(gated_model, "head")
         for layer, (keep, _) in enumerate(decision):
-            gate = gated_attn[layer].head_gate
+            gate = gates[layer]
             if gate is None:
                 continue
             if keep:
@@ -266,7 +253,7 @@ class AbstractHeadPrunerLRP:
                 raw = gate.raw_gate_values()[keep]
                 gate.threshold = min(gate.threshold, max(0.0, float(raw.min()) * 0.5))
             gate.close([p for p in range(gate.num_heads) if p not in keep])
-        gated_model.refresh_after_surgery()  # thresholds are compile-time constants
+        protocol.refresh(gated_model)  # thresholds are compile-time constants
         # weights back: the inverse of the name mapping, gates excluded
         target = dict(self.model.parameters_and_names())
         mapping = self.name_mapping(list(target))
@@ -274,17 +261,17 @@ class AbstractHeadPrunerLRP:
         self._copy_tensors(gated_params, target, {v: k for k, v in mapping.items()},
                            skip=self._gate_names(gated_model), what="prune_model (gated copy -> original)")
         to_prune = {}
-        for layer, attention in enumerate(self.attention_layers(self.backbone)):
-            gate = gated_attn[layer].head_gate
+        model_adapter = protocol.adapter(self.model)
+        for layer, attention in enumerate(model_adapter.attentions()):
+            gate = gates[layer]
             if gate is None:
                 continue
-            values = gate.gate_values()
             keep = decision[layer][0]
-            self._fold(attention, keep, values)
-            dropped = [attention.kept_heads[p] for p in range(attention.num_heads) if p not in keep]
+            fold_gate_values(attention, keep, gate.gate_values())
+            dropped = [attention.kept[p] for p in range(attention.num_heads) if p not in keep]
             if dropped:
                 to_prune[layer] = dropped
-        self.model.prune_heads(to_prune)
+        model_adapter.prune_heads(to_prune)
         self.pruned_heads = to_prune
         gated_model._lrp_pruned = True
         return self.model
@@ -293,23 +280,24 @@ class AbstractHeadPrunerLRP:
     def decide(self, gated_model):
         """Per layer: (kept positions, evaluation gate values). Without a target a head is kept
         when its gate is open (> threshold); with one, the ``target_heads`` best by ``log_a``."""
-        gates = [a.head_gate for a in self.attention_layers(gated_model)]
-        if any(a.num_heads and g is None for a, g in zip(self.attention_layers(gated_model), gates)):
+        gates = protocol.gates_of(gated_model, "head")
+        if any(n and g is None for n, g in zip(protocol.adapter(gated_model).heads_per_layer(), gates)):
             raise ValueError(f"{type(self).__name__}: the model passed is not gated (use decorate_model's result)")
         values = [g.gate_values() if g is not None else np.zeros((0,), np.float32) for g in gates]
-        return list(zip(decide_heads(gates, self.target_heads), values))
+        keep_one = not protocol.adapter(gated_model).empty_layers_allowed
+        return list(zip(decide_heads(gates, self.target_heads, keep_one), values))
 
     def gate_summary(self, gated_model):
         """Open heads per layer (by the one threshold), their total, and the expected open count."""
-        gates = [a.head_gate for a in self.attention_layers(gated_model)]
+        gates = protocol.gates_of(gated_model, "head")
         open_per_layer = [int(np.sum(g.gate_values() > 0.0)) if g is not None else 0 for g in gates]
         expected = sum(g.expected_open() for g in gates if g is not None)
         return {"open_per_layer": open_per_layer, "open": sum(open_per_layer), "expected_open": expected}
 
     # ---- training ----------------------------------------------------------------------------
     def loss_cell(self, gated_model, task_loss):
-        """``LRPLoss``: ``task_loss(outputs[0], labels)`` plus this pruner's gate objective."""
-        return LRPLoss(gated_model, task_loss, self.objective)
+        """``LRPLoss``: ``task_loss(outputs, labels)`` plus this pruner's gate objective."""
+        return LRPLoss(gated_model, task_loss, GateObjective(protocol.gates_of(gated_model, "head"), self.objective))
 
     def parameter_groups(self, gated_model, lr, gate_lr, lagrangian_lr=0.05, weight_decay=0.01,
                          train_weights=True):
@@ -340,13 +328,12 @@ class AbstractHeadPrunerLRP:
 
     # ---- internals -----------------------------------------------------------------------------
     def _gate_params(self, model):
-        gate_ids = {id(a.head_gate.log_a) for a in self.attention_layers(model) if a.head_gate is not None}
+        gate_ids = {id(g.log_a) for g in protocol.gates_of(model, "head") if g is not None}
         return [(name, p) for name, p in model.parameters_and_names() if id(p) in gate_ids]
 
     def _gate_names(self, model):
         """Every tensor of the gates (log_a, and the decision and noise buffers)."""
-        ids = {id(p) for a in self.attention_layers(model) if a.head_gate is not None
-               for p in a.head_gate.get_parameters()}
+        ids = {id(p) for g in protocol.gates_of(model, "head") if g is not None for p in g.get_parameters()}
         return {name for name, p in model.parameters_and_names() if id(p) in ids}
 
     def _copy_tensors(self, source, target, mapping, skip, what):
@@ -376,33 +363,35 @@ class AbstractHeadPrunerLRP:
         if problems:
             raise ValueError(f"{owner}.{what}: " + " | ".join(problems))
 
-    def _fold(self, attention, keep, values):
-        fold_gate_values(attention, self.output_projection(attention), keep, values)
 
-
-def decide_heads(gates, target_heads=None):
+def decide_heads(gates, target_heads=None, keep_one=False):
     """Which heads each gate keeps (sorted positions; [] for a layer without a gate): the one
     decision that evaluation, the training log and pruning all follow. Without a target a head is
     kept when its evaluation formula value is above its gate's threshold; with ``target_heads``,
-    the ``target_heads`` best by ``log_a`` over the whole model (ties: earlier layer, then head)."""
-    if target_heads is None:
-        return [sorted(np.flatnonzero(g.raw_gate_values() > g.threshold).tolist()) if g is not None else []
-                for g in gates]
-    scores = [(float(g.log_a.asnumpy()[p]), -layer, -p, layer, p)
-              for layer, g in enumerate(gates) if g is not None for p in range(g.num_heads)]
+    the ``target_heads`` best by ``log_a`` over the whole model (ties: earlier layer, then head).
+    ``keep_one``: every gated layer keeps at least its best head (a model whose layers cannot lose
+    every head, see ``TransformerAdapter.empty_layers_allowed``); those count towards the target."""
     keep = [[] for _ in gates]
-    for *_, layer, p in sorted(scores, reverse=True)[:target_heads]:
+    if keep_one:
+        for layer, g in enumerate(gates):
+            if g is not None:
+                keep[layer].append(int(np.argmax(g.log_a.asnumpy())))
+    if target_heads is None:
+        return [sorted(set(k) | set(np.flatnonzero(g.raw_gate_values() > g.threshold).tolist()))
+                if g is not None else [] for k, g in zip(keep, gates)]
+    scores = [(float(g.log_a.asnumpy()[p]), -layer, -p, layer, p)
+              for layer, g in enumerate(gates) if g is not None for p in range(g.num_heads) if p not in keep[layer]]
+    room = max(0, target_heads - sum(len(k) for k in keep))
+    for *_, layer, p in sorted(scores, reverse=True)[:room]:
         keep[layer].append(p)
     return [sorted(k) for k in keep]
 
 
-def fold_gate_values(attention, projection, keep, values):
+def fold_gate_values(attention, keep, values):
     """Scale the output-projection inputs of each kept head by its gate value, so the ungated
-    (pruned) attention computes what the gated one computes in evaluation. ``projection`` is
-    ``(cell, layout)``: 'linear' (weight (out, in)) or 'conv1d' (weight (in, out))."""
-    cell, layout = projection
-    if layout not in ("linear", "conv1d"):
-        raise ValueError(f"output_projection must return layout 'linear' or 'conv1d', got {layout!r}")
+    (pruned) attention computes what the gated one computes in evaluation. ``attention``: the
+    layer's ``ms_prune.protocol.AttentionHeads``."""
+    cell, layout = attention.output_projection(), attention.layout
     scale = np.ones((attention.num_heads * attention.head_dim,), np.float32)
     for p in keep:
         scale[p * attention.head_dim:(p + 1) * attention.head_dim] = values[p]
@@ -412,32 +401,17 @@ def fold_gate_values(attention, projection, keep, values):
 
 
 class HeadPrunerBertLRP(AbstractHeadPrunerLRP):
-    """LRP for ``BertModel`` / ``BertForSequenceClassification``."""
-
-    @property
-    def backbone_class(self):
-        from ms_prune.models.bert import BertModel
-        return BertModel
+    """LRP for BERT models (the name of earlier releases; any protocol model works)."""
 
 
 class HeadPrunerGPTLRP(AbstractHeadPrunerLRP):
-    """LRP for ``GPT2Model`` / ``GPT2LMHeadModel``."""
-
-    @property
-    def backbone_class(self):
-        from ms_prune.models.gpt2 import GPT2Model
-        return GPT2Model
+    """LRP for GPT-2 models (the name of earlier releases; any protocol model works)."""
 
 
 def lrp_pruner(model, **kwargs):
-    """The LRP pruner for ``model`` (BERT or GPT-2 family), built with ``kwargs``."""
-    from ms_prune.models.bert import BertPreTrainedCell
-    from ms_prune.models.gpt2 import GPT2PreTrainedCell
-    if isinstance(model, BertPreTrainedCell):
-        return HeadPrunerBertLRP(model, **kwargs)
-    if isinstance(model, GPT2PreTrainedCell):
-        return HeadPrunerGPTLRP(model, **kwargs)
-    raise TypeError(f"no LRP pruner for {type(model).__name__}; subclass AbstractHeadPrunerLRP")
+    """The LRP pruner for ``model`` (any model of the model protocol), built with ``kwargs``."""
+    protocol.adapter(model)  # a model that does not declare the protocol is told how to
+    return AbstractHeadPrunerLRP(model, **kwargs)
 
 
 def make_gated_train_step(pruner, gated_model, task_loss, lr, gate_lr, lagrangian_lr=0.05, weight_decay=0.01,

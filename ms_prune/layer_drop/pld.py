@@ -24,8 +24,9 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, ops
 from mindspore.train import Callback
 
+from ms_prune import protocol
 from ms_prune.engine import Algorithm, Event
-from ms_prune.models.modeling_utils import LayerWrapper
+from ms_prune.protocol import LayerCall, LayerWrapper, call_argument
 from ms_prune.training import write_parameter
 from ms_prune.validation import check_bool, check_instance, check_int, check_number
 
@@ -122,7 +123,10 @@ class ProgressiveLayerDrop(Callback):
 
 
 class PLDLayer(LayerWrapper):
-    """Wraps a pre-LN transformer layer ``(hidden, attention_bias, *extra) -> (hidden, penalty)``.
+    """Wraps a pre-LN transformer layer (``x -> x + f(x)``) called as ``call`` (an
+    ``ms_prune.protocol.LayerCall``; default ``layer(hidden, ...) -> hidden``); every argument is
+    passed through. A layer that returns a tuple (hidden states first) returns, when dropped, its
+    input and zeros (scalars) for the rest.
 
     ``index`` is the 1-based position l of the layer among ``num_layers``; ``theta`` the shared
     theta Parameter (``ProgressiveLayerDrop.theta_parameter``).
@@ -143,9 +147,11 @@ class PLDLayer(LayerWrapper):
     they are not parameters of the model (the schedule's ``state_dict`` carries theta).
     """
 
-    def __init__(self, layer, index, num_layers, theta, seed=0, count_runs=False, noise=None):
+    def __init__(self, layer, index, num_layers, theta, seed=0, count_runs=False, noise=None, call=None):
         super().__init__(layer)
         owner = "PLDLayer"
+        call = check_instance(owner, "call", call, LayerCall, allow_none=True) or LayerCall()
+        self.hidden_key, self.extra_outputs = call.hidden, (call.outputs - 1 if call.outputs else None)
         num_layers = check_int(owner, "num_layers", num_layers, minimum=1)
         index = check_int(owner, "index (1-based)", index, minimum=1, maximum=num_layers)
         seed = check_int(owner, "seed", seed, minimum=0)
@@ -168,69 +174,71 @@ class PLDLayer(LayerWrapper):
     def keep_probability(self):
         return 1.0 - self.depth_fraction * (1.0 - self.pld_theta)
 
-    def construct(self, hidden_states, attention_bias, *extra):
-        # extra: further layer inputs, passed as they are (Llama's position_ids)
+    def construct(self, *args, **kwargs):
         if not self.training:
-            return self.layer(hidden_states, attention_bias, *extra)
+            return self.layer(*args, **kwargs)
+        hidden_states = call_argument(args, kwargs, self.hidden_key)
         keep = self.keep_probability()
         if self.host_noise:
             draw = self.pld_noise[self.index - 1]
         else:
             draw = self.uniform((1,))[0]
         if draw < keep:
-            output, penalty = self.layer(hidden_states, attention_bias, *extra)
+            outputs = self.layer(*args, **kwargs)
             if self.count_runs:
                 ops.assign_add(self.runs, ops.ones((), ms.int32))
-            return hidden_states + (output - hidden_states) / keep, penalty
-        return hidden_states, ops.zeros((), ms.float32)
+            if self.extra_outputs is None:
+                return hidden_states + (outputs - hidden_states) / keep
+            return (hidden_states + (outputs[0] - hidden_states) / keep,) + tuple(outputs[1:])
+        if self.extra_outputs is None:
+            return hidden_states
+        return (hidden_states,) + tuple(ops.zeros((), ms.float32) for _ in range(self.extra_outputs))
 
 
 def _check_switchable(model):
-    from ms_prune.models.bert import BertPreTrainedCell
-    from ms_prune.models.gpt2 import GPT2PreTrainedCell
-    if isinstance(model, BertPreTrainedCell):
-        if not model.config.pre_layer_norm:
-            raise ValueError(
-                "convert_to_pld: this BERT is post-LN (BertConfig.pre_layer_norm=False): its layers "
-                "compute LN(x + f(x)), so skipping one does not leave x and changes the function. "
-                "Progressive layer dropping needs the pre-LN layout; build it with "
-                "BertConfig(pre_layer_norm=True) (and pretrain it that way).")
-        return
-    if isinstance(model, GPT2PreTrainedCell):
-        return  # GPT-2 blocks are pre-LN: x + attn(ln_1(x)), then + mlp(ln_2(.))
-    raise TypeError(f"convert_to_pld handles ms_prune BERT (pre-LN) and GPT-2 models, got {type(model).__name__}")
+    model_adapter = protocol.adapter(model)
+    if not model_adapter.skippable_layers:
+        raise ValueError(
+            f"convert_to_pld: the layers of {type(model).__name__} are not declared skippable (its protocol "
+            f"adapter's skippable_layers is False): progressive layer dropping needs pre-LN layers, x + f(x), so "
+            f"that skipping one leaves x. A post-LN layer (LN(x + f(x)), e.g. BertConfig(pre_layer_norm=False)) "
+            f"changes the function when skipped; build the model pre-LN (BertConfig(pre_layer_norm=True)) and "
+            f"pretrain it that way, or declare skippable_layers = True in the adapter if its layers are pre-LN.")
+    return model_adapter
 
 
 def pld_layers(model):
     """The PLDLayer wrappers of a converted model, in order (empty when not converted)."""
-    return [layer for layer in model.transformer_layers() if isinstance(layer, PLDLayer)]
+    layers = protocol.adapter(model).layers()
+    return [layer for layer in layers if isinstance(layer, PLDLayer)]
 
 
 def convert_to_pld(model, pld=None, seed=0, count_runs=False, host_noise=False):
-    """Wrap every transformer layer of a pre-LN ms_prune BERT or GPT-2 for progressive layer dropping.
+    """Wrap every transformer layer of a model with skippable (pre-LN) layers for progressive layer dropping.
 
     ``pld``: the ``ProgressiveLayerDrop`` schedule whose theta the layers read (a new default one
     when None); several models may share one. Returns the schedule: call its ``update_state(step)``
     before each step (or pass it to ``Model.train`` as a callback). ``host_noise=True``: the layers
     read their keep draws from a shared Parameter (``pld_noise(model)``) that the caller must write
     with one uniform per layer before every training step (see :class:`PLDLayer`). Build loss /
-    train-step Cells after converting (their graphs are cached). Raises ValueError for post-LN BERT
-    or an already converted model, TypeError for other models.
+    train-step Cells after converting (their graphs are cached). Raises ValueError for a model whose
+    layers are not skippable (post-LN BERT) or an already converted one, TypeError for a model that
+    does not declare the model protocol.
     """
-    _check_switchable(model)
+    model_adapter = _check_switchable(model)
     if pld is None:
         pld = ProgressiveLayerDrop()
     check_instance("convert_to_pld", "pld", pld, ProgressiveLayerDrop)
     check_bool("convert_to_pld", "host_noise", host_noise)
-    layers = model.transformer_layers()
+    layers = model_adapter.layers()
     if pld_layers(model):
         raise ValueError("convert_to_pld: the model is already converted (call remove_pld first)")
     total = len(layers)
     noise = Parameter(ops.zeros((total,), ms.float32), name="pld_noise", requires_grad=False) if host_noise else None
     for i in range(total):
         layers[i] = PLDLayer(layers[i], i + 1, total, pld.theta_parameter, seed=seed, count_runs=count_runs,
-                             noise=noise)
-    model.refresh_after_surgery()
+                             noise=noise, call=model_adapter.layer_call)
+    protocol.refresh(model)
     return pld
 
 
@@ -242,11 +250,11 @@ def pld_noise(model):
 
 def remove_pld(model):
     """Put the original layers back (parameters are shared, so training is kept)."""
-    layers = model.transformer_layers()
+    layers = protocol.adapter(model).layers()
     for i in range(len(layers)):
         if isinstance(layers[i], PLDLayer):
             layers[i] = layers[i].layer
-    model.refresh_after_surgery()
+    protocol.refresh(model)
     return model
 
 

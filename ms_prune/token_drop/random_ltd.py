@@ -18,8 +18,9 @@ import numbers
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from ms_prune import protocol
 from ms_prune.engine import Algorithm, Event
-from ms_prune.models.modeling_utils import Conv1D, HeadPrunableAttention, LayerWrapper, Linear
+from ms_prune.protocol import LayerCall, LayerWrapper, call_argument
 from ms_prune.training import compiled_graph_count, make_train_step, write_parameter
 from ms_prune.validation import check_bool, check_instance, check_int
 
@@ -76,6 +77,21 @@ def kept_attention_bias(attention_bias, positions, seq_len):
     return bias
 
 
+def kept_mask(mask, positions, seq_len):
+    """An attention mask or bias among the kept tokens: (b, seq) -> (batch, r), (b, seq, seq) ->
+    (batch, r, r), (b, h, seq, seq) -> (batch, h, r, r) (see ``kept_attention_bias``; additive or
+    0/1 alike, axes of length 1 broadcast); None stays None."""
+    if mask is None:
+        return None
+    if mask.ndim == 4:
+        return kept_attention_bias(mask, positions, seq_len)
+    if mask.ndim == 3:
+        kept = kept_attention_bias(mask.expand_dims(1), positions, seq_len)
+        return kept.squeeze(1)
+    kept = kept_attention_bias(mask.reshape(mask.shape[0], 1, 1, mask.shape[1]), positions, seq_len)
+    return kept.reshape(kept.shape[0], kept.shape[3])
+
+
 def sorted_topk_positions(scores, kept):
     """Positions of the ``kept`` largest scores per row, in increasing order (int32)."""
     positions = ops.topk(scores, kept)[1]
@@ -117,25 +133,31 @@ class TokenDraw(nn.Cell):
 
 
 class RandomLayerTokenDrop(LayerWrapper):
-    """Wraps a transformer layer ``layer(hidden_states, attention_bias, *per_token) -> hidden | tuple``.
+    """Wraps a transformer layer called as ``call`` (an ``ms_prune.protocol.LayerCall``; default:
+    ``layer(hidden_states, mask, *others) -> hidden | tuple``).
 
     Training (``self.training``) with ``kept_length = r < seq_len``: draws ``r`` sorted random
-    positions per sequence, runs the layer on those tokens with the bias among their real
-    positions, and scatters the outputs back: the first output (the hidden states) into the input,
-    other per-token outputs (leading dims equal to the kept tokens') into zeros; outputs that are
-    not per token (the layer's penalty scalar) pass unchanged. Further inputs with one entry per
-    token (leading dims those of the hidden states, e.g. Llama's ``position_ids``) are taken at the
-    kept tokens; others pass unchanged. Evaluation, ``kept_length=None``, or ``r >= seq_len`` (when
-    ``skip_when_full``): the layer runs on all tokens.
+    positions per sequence, runs the layer on those tokens with the mask among their real
+    positions (``kept_mask``: an additive bias or a 0/1 mask, 2-, 3- or 4-D, or none) and the
+    kept tokens' entries of the ``per_token`` arguments (a RoPE layer's ``position_ids``: the kept
+    tokens keep their real positions), every other argument, positional or keyword, unchanged; then
+    scatters the outputs back: the first output (the hidden states) into the input, other
+    per-token outputs (leading dims equal to the kept tokens') into zeros; outputs that are not per
+    token (an auxiliary loss) pass unchanged. Evaluation, ``kept_length=None``, or ``r >= seq_len``
+    (when ``skip_when_full``): the layer runs on all tokens.
 
     Parameter names stay those of the unwrapped model (``LayerWrapper``), so a converted model
-    saves and loads its checkpoints as it is. ``batch_first=False`` takes (seq, batch, hidden) states. ``kept_length`` is a Python int:
-    changing it changes the graph, see :class:`RandomLTDTrainStep`.
+    saves and loads its checkpoints as it is. ``batch_first=False`` takes (seq, batch, hidden)
+    states (it overrides ``call.batch_first``). ``kept_length`` is a Python int: changing it
+    changes the graph, see :class:`RandomLTDTrainStep`.
     """
 
-    def __init__(self, layer, kept_length=None, batch_first=True, skip_when_full=True):
+    def __init__(self, layer, kept_length=None, batch_first=True, skip_when_full=True, call=None):
         super().__init__(layer)
-        self.batch_first = check_bool("RandomLayerTokenDrop", "batch_first", batch_first)
+        call = check_instance("RandomLayerTokenDrop", "call", call, LayerCall, allow_none=True) or LayerCall()
+        self.batch_first = check_bool("RandomLayerTokenDrop", "batch_first", batch_first) and call.batch_first
+        self.hidden_key, self.mask_key, self.per_token_keys = call.hidden, call.mask, call.per_token
+        self.keyword_keys = tuple(k for k in (call.hidden, call.mask) + call.per_token if isinstance(k, str))
         self.skip_when_full = check_bool("RandomLayerTokenDrop", "skip_when_full", skip_when_full)
         self.kept_length = None
         self.set_kept_length(kept_length)
@@ -161,27 +183,36 @@ class RandomLayerTokenDrop(LayerWrapper):
             return sorted_topk_positions(draw.scores, kept)
         return sorted_topk_positions(ops.rand(batch, seq), kept)
 
-    def construct(self, hidden_states, attention_bias, *per_token):
+    def _kept_argument(self, key, value, positions, seq):
+        """The layer argument at ``key`` as the kept tokens see it."""
+        if value is None:
+            return value
+        if key == self.hidden_key:
+            return gather_tokens(value, positions, self.batch_first)
+        if key == self.mask_key:
+            return kept_mask(value, positions, seq)
+        if key in self.per_token_keys:
+            return gather_tokens(value, positions, self.batch_first)
+        return value
+
+    def construct(self, *args, **kwargs):
+        hidden_states = call_argument(args, kwargs, self.hidden_key)
         seq_axis = 1 if self.batch_first else 0
         seq = hidden_states.shape[seq_axis]
         if not self.training or self.kept_length is None:
-            return self.layer(hidden_states, attention_bias, *per_token)
+            return self.layer(*args, **kwargs)
         if self.kept_length >= seq and self.skip_when_full:
-            return self.layer(hidden_states, attention_bias, *per_token)
+            return self.layer(*args, **kwargs)
         kept = min(self.kept_length, seq)
         batch = hidden_states.shape[1 - seq_axis]
         positions = self._positions(batch, seq, kept)
-        # further inputs with one entry per token (Llama's position_ids, from which its rotary
-        # angles come) are taken at the kept tokens, so those keep their real positions
-        token_dims = (batch, seq) if self.batch_first else (seq, batch)
-        extra = ()
-        for value in per_token:
-            if isinstance(value, Tensor) and value.ndim >= 2 and value.shape[:2] == token_dims:
-                extra = extra + (gather_tokens(value, positions, self.batch_first),)
-            else:
-                extra = extra + (value,)
-        outputs = self.layer(gather_tokens(hidden_states, positions, self.batch_first),
-                             kept_attention_bias(attention_bias, positions, seq), *extra)
+        kept_args = ()
+        for i in range(len(args)):
+            kept_args = kept_args + (self._kept_argument(i, args[i], positions, seq),)
+        for key in self.keyword_keys:  # only the declared ones: the others stay as they came
+            if key in kwargs:
+                kwargs[key] = self._kept_argument(key, kwargs[key], positions, seq)
+        outputs = self.layer(*kept_args, **kwargs)
         if not isinstance(outputs, (tuple, list)):
             return scatter_tokens(hidden_states, outputs, positions, self.batch_first)
         restored = (scatter_tokens(hidden_states, outputs[0], positions, self.batch_first),)
@@ -202,10 +233,11 @@ class RandomLayerTokenDrop(LayerWrapper):
 def _layer_slots(model, layer_class):
     """[(container, key, layer)] of the model's transformer layers, in order."""
     if layer_class is None:
-        if not hasattr(model, "transformer_layers"):
-            raise ValueError(f"{type(model).__name__} has no transformer_layers(); name its layer class with "
-                             f"layer_class='ClassName' (or pass the class)")
-        layers = model.transformer_layers()
+        try:
+            layers = protocol.adapter(model).layers()
+        except TypeError as err:
+            raise ValueError(f"{err}; or name its layer class with layer_class='ClassName' (or pass the class)"
+                             ) from None
         return [(layers, i, layers[i]) for i in range(len(layers))]
     if not isinstance(layer_class, (type, str)):
         raise TypeError(f"layer_class must be a class or a class name, got {type(layer_class).__name__}")
@@ -232,11 +264,6 @@ def _set_slot(container, key, cell):
         setattr(container, key, cell)
 
 
-def _refresh(model):
-    if hasattr(model, "refresh_after_surgery"):
-        model.refresh_after_surgery()
-
-
 def random_ltd_layers(model):
     """The RandomLayerTokenDrop wrappers of a model, in order."""
     return [cell for _, cell in model.cells_and_names() if isinstance(cell, RandomLayerTokenDrop)]
@@ -246,8 +273,8 @@ def convert_to_random_ltd(model, layer_ids=None, layer_class=None, kept_length=N
                           share_draw=True, host_noise=False):
     """Wrap layers of ``model`` in :class:`RandomLayerTokenDrop`; returns the wrappers.
 
-    ``layer_ids``: indices among the model's layers (ours: ``model.transformer_layers()``; other
-    models: the Cells of class ``layer_class``, in model order); default all but the first and
+    ``layer_ids``: indices among the model's layers (declared by the model protocol; or the Cells
+    of class ``layer_class``, in model order, called as ``LayerCall()``); default all but the first and
     the last, which the paper keeps full. ``share_draw``: one random draw per step shared by the
     wrapped layers (else each layer draws its own, as DeepSpeed does). ``host_noise``: the scores
     are not drawn in the graph but written before every step into the :class:`TokenDraw` buffers
@@ -271,10 +298,11 @@ def convert_to_random_ltd(model, layer_ids=None, layer_class=None, kept_length=N
     if len(set(layer_ids)) != len(layer_ids) or not layer_ids:
         raise ValueError(f"layer_ids must be distinct and non-empty, got {layer_ids}")
     shared = TokenDraw(host_noise) if share_draw else None
+    call = protocol.adapter(model).layer_call if layer_class is None else LayerCall()
     wrappers = []
     for n, i in enumerate(sorted(int(i) for i in layer_ids)):
         container, key, layer = slots[i]
-        wrapper = RandomLayerTokenDrop(layer, kept_length=kept_length, batch_first=batch_first)
+        wrapper = RandomLayerTokenDrop(layer, kept_length=kept_length, batch_first=batch_first, call=call)
         if share_draw:
             wrapper.share_draw(shared, draws=n == 0)
         elif host_noise:  # each layer its own scores, still written from the host
@@ -282,7 +310,7 @@ def convert_to_random_ltd(model, layer_ids=None, layer_class=None, kept_length=N
         wrapper.set_train(model.training)  # a new Cell starts in eval mode; keep the model's mode
         _set_slot(container, key, wrapper)
         wrappers.append(wrapper)
-    _refresh(model)
+    protocol.refresh(model)
     return wrappers
 
 
@@ -306,22 +334,27 @@ def revert_random_ltd(model):
                 reverted += 1
     if not reverted:
         raise ValueError(f"{type(model).__name__} has no random-LTD layers to revert")
-    _refresh(model)
+    protocol.refresh(model)
     return model
 
 
 def forward_flops_with_ltd(model, seq_len, batch_size=1):
-    """``model.forward_flops`` with each random-LTD layer counted on its kept tokens: projections
-    scale with the kept length r, attention matmuls with r**2 (gather/scatter are not FLOPs)."""
-    flops = model.forward_flops(seq_len, batch_size)
-    for wrapper in random_ltd_layers(model):
-        if wrapper.kept_length is None or wrapper.kept_length >= seq_len:
+    """The model's forward FLOPs (its protocol adapter's ``forward_flops``) with each random-LTD
+    layer counted on its kept tokens: projections scale with the kept length r, attention matmuls
+    with r**2 (gather/scatter are not FLOPs)."""
+    model_adapter = protocol.adapter(model)
+    flops = model_adapter.forward_flops(seq_len, batch_size)
+    layers = model_adapter.layers()
+    for i in range(len(layers)):
+        wrapper = layers[i]
+        if not isinstance(wrapper, RandomLayerTokenDrop) or wrapper.kept_length is None or \
+                wrapper.kept_length >= seq_len:
             continue
-        for _, cell in wrapper.layer.cells_and_names():
-            if isinstance(cell, HeadPrunableAttention):
-                flops -= (cell.attention_flops(seq_len) - cell.attention_flops(wrapper.kept_length)) * batch_size
-            elif isinstance(cell, (Linear, Conv1D)):
-                flops -= 2 * cell.in_features * cell.out_features * (seq_len - wrapper.kept_length) * batch_size
+        heads = model_adapter.attention(i)
+        dropped = seq_len - wrapper.kept_length
+        flops -= protocol.projection_flops(wrapper.layer, dropped * batch_size)
+        flops -= (protocol.attention_flops(heads.num_heads, heads.head_dim, seq_len) -
+                  protocol.attention_flops(heads.num_heads, heads.head_dim, wrapper.kept_length)) * batch_size
     return flops
 
 

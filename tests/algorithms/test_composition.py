@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import mindspore as ms
 
+from ms_prune import protocol
 from ms_prune.engine import Trainer
 from ms_prune.heads import LRP
 from ms_prune.layer_drop import ProgressiveLayerDropping
@@ -55,7 +56,7 @@ def test_the_gate_penalty_does_not_depend_on_which_layers_ran():
     ms.set_seed(0)
     model, trainer = run("ltd_first", 1)
     lrp = trainer.state.algorithms[2]
-    gates = [a.head_gate for a in model.attention_layers()]
+    gates = protocol.gates_of(model, "head")
     expected = sum(g.expected_open() for g in gates) / 12  # the plain penalty, normalised by the heads
     objective = lrp.objective
     objective.set_step(10 ** 6)  # the target reached

@@ -43,7 +43,7 @@ def unpermute_rows(weight, heads):
 
 
 def _config(reader, arch, tied):
-    from ms_prune.models.llama import LlamaConfig
+    from .llama import LlamaConfig
     key = arch + "."
     heads = int(_field(reader, key + "attention.head_count"))
     hidden = int(_field(reader, key + "embedding_length"))
@@ -97,7 +97,7 @@ def gguf_llama_to_hf(gguf_path, directory):
     a Llama model or holds a tensor we do not know."""
     import gguf
     from safetensors.numpy import save_file
-    from ms_prune.models.modeling_utils import WEIGHTS_NAME
+    from .modeling_utils import WEIGHTS_NAME
 
     reader = gguf.GGUFReader(gguf_path)
     arch = _field(reader, "general.architecture")

@@ -1,0 +1,575 @@
+"""The model protocol: the least a transformer declares so that every ms_prune algorithm (LRP,
+GradNAS, random-LTD, PLD) works on it. The algorithms know no model class; they read this.
+
+A model declares, through a :class:`TransformerAdapter` (its own ``transformer_adapter()``
+method, or one registered for its class with :func:`register_adapter`):
+
+* ``layers()``: the container (``nn.CellList``) of its transformer layers, in order; token and
+  layer dropping replace its items with wrappers.
+* ``layer_call``: a :class:`LayerCall`, how a layer is called: which argument is the hidden state,
+  which is the attention mask, which carry one value per token (positions for rotary
+  embeddings), and what the layer returns.
+* ``skippable_layers``: whether a layer computes ``x + f(x)`` (pre-LN), so that skipping it leaves
+  ``x`` (progressive layer dropping needs this).
+* ``attention(i)``: an :class:`AttentionHeads`, where layer i's heads are: its Q/K/V (or fused QKV)
+  projections, its output projection, head size, query and key/value head counts.
+* ``ffn(i)`` (optional): an :class:`FFNUnits`, where layer i's FFN neurons are.
+
+Head gates and GradNAS masks sit on the input of the output projection (:class:`GatedInput`): the
+per-head context is exactly that input, so no attention code is touched. Surgery
+(``prune_heads``/``prune_ffn_neurons``) slices the declared projections in place; a model may
+override it (ours record what they removed in their config, so a saved model reloads).
+
+After any wrapping or surgery, :func:`refresh` makes graph mode compile the model anew: MindSpore
+caches a Cell's graph by the Cell, so a model that has run once would otherwise keep running its
+old graph, silently.
+"""
+import time
+
+import numpy as np
+from mindspore import Parameter, Tensor, nn, ops
+
+__all__ = ["AttentionHeads", "FFNUnits", "GatedInput", "LayerCall", "LayerWrapper", "TransformerAdapter",
+           "adapter", "attach_gates", "detach_gates", "gates_of", "refresh", "register_adapter"]
+
+LAYOUTS = ("linear", "conv1d")
+
+
+def _check_key(owner, name, value, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(f"{owner}: {name} must be an argument position (int) or keyword (str)"
+                        f"{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
+class LayerCall:
+    """How a transformer layer is called.
+
+    ``hidden``: the hidden-state argument, a position (0) or a keyword; states are (batch, seq,
+    hidden) (``batch_first``) or (seq, batch, hidden). ``mask``: the attention-mask argument (or
+    None): an additive bias or a 0/1 mask of shape (b, seq), (b, seq, seq) or (b, h, seq, seq),
+    b in {1, batch}, any axis of length 1 broadcasting. ``per_token``: arguments with one entry per
+    token, shaped like the states' leading axes (e.g. ``position_ids`` (batch, seq), from which
+    rotary embeddings are computed): token dropping gives the layer the kept tokens' entries, so a
+    RoPE layer sees the kept tokens' real positions. Every other argument, positional or keyword,
+    is passed through unchanged. ``outputs``: None when the layer returns the hidden states alone,
+    else the length of the tuple it returns, hidden states first (a layer dropped by PLD returns
+    zeros for the others, which must be scalars such as auxiliary losses).
+    """
+
+    def __init__(self, hidden=0, mask=1, per_token=(), outputs=None, batch_first=True):
+        owner = "LayerCall"
+        self.hidden = _check_key(owner, "hidden", hidden)
+        self.mask = _check_key(owner, "mask", mask, allow_none=True)
+        per_token = (per_token,) if isinstance(per_token, (int, str)) else tuple(per_token)
+        self.per_token = tuple(_check_key(owner, "per_token entries", k) for k in per_token)
+        if outputs is not None and (isinstance(outputs, bool) or not isinstance(outputs, int) or outputs < 1):
+            raise ValueError(f"{owner}: outputs must be None (a tensor) or the tuple's length >= 1, got {outputs!r}")
+        self.outputs = outputs
+        self.batch_first = bool(batch_first)
+        keys = [k for k in (self.hidden, self.mask) + self.per_token if k is not None]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"{owner}: hidden, mask and per_token name the same argument twice: {keys}")
+
+    def __repr__(self):
+        return (f"LayerCall(hidden={self.hidden!r}, mask={self.mask!r}, per_token={self.per_token!r}, "
+                f"outputs={self.outputs!r}, batch_first={self.batch_first})")
+
+
+def resolve_path(root, path):
+    """(owner, attribute) of a dotted path below ``root``."""
+    owner, parts = root, path.split(".")
+    for part in parts[:-1]:
+        owner = getattr(owner, part)
+    if not hasattr(owner, parts[-1]):
+        raise AttributeError(f"{type(root).__name__} has no {path!r}")
+    return owner, parts[-1]
+
+
+def resolve_cell(root, path):
+    """The Cell at a dotted path below ``root``."""
+    owner, name = resolve_path(root, path)
+    return getattr(owner, name)
+
+
+class _Units:
+    """What attention heads and FFN neurons share: an owner Cell, the output projection (a dotted
+    path below it) whose input holds the units side by side, and which original units remain."""
+
+    unit = "unit"
+
+    def __init__(self, cell, output, layout, count, width, kept):
+        owner = type(self).__name__
+        if not isinstance(cell, nn.Cell):
+            raise TypeError(f"{owner}: cell must be the mindspore.nn.Cell holding the projections, "
+                            f"got {type(cell).__name__}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"{owner}: layout must be one of {LAYOUTS} ('linear': weight (out, in) as "
+                             f"nn.Dense; 'conv1d': weight (in, out) as GPT-2), got {layout!r}")
+        self.cell, self.output, self.layout, self.count, self.width = cell, output, layout, int(count), int(width)
+        resolve_path(cell, output)
+        stored = getattr(cell, "kept_" + self.unit + "s", None)
+        self.kept = list(kept if kept is not None else stored if stored is not None else range(self.count))
+        if len(self.kept) != self.count:
+            raise ValueError(f"{owner}: {len(self.kept)} kept {self.unit}s listed for {self.count} {self.unit}s")
+        # how many there were before any pruning (surgery records it on the cell)
+        self.total = int(getattr(cell, "total_" + self.unit + "s", None) or (max(self.kept) + 1 if self.kept else 0))
+
+    def output_slot(self):
+        """(owner, attribute) of the output projection."""
+        return resolve_path(self.cell, self.output)
+
+    def output_projection(self):
+        """The output projection Cell itself (under any gate wrapper)."""
+        cell = resolve_cell(self.cell, self.output)
+        return cell.layer if isinstance(cell, GatedInput) else cell
+
+
+class AttentionHeads(_Units):
+    """Where one attention's heads are: dotted paths below ``cell`` to its ``query``/``key``/
+    ``value`` projections (or the fused ``qkv`` one: [Q | K | V] side by side) and to its
+    ``output`` projection, which reads the per-head context (heads side by side, ``head_dim``
+    features each); ``num_heads`` query heads and ``num_kv_heads`` key/value heads (grouped-query
+    attention: query head h reads key/value head h // (num_heads / num_kv_heads)).
+
+    ``count_attributes``: attributes of ``cell`` that the attention computes its shapes from and
+    that surgery must update, {name: what}, what one of 'heads', 'kv_heads', 'width' (heads x
+    head_dim) or 'kv_width'. Our models do their own surgery and leave it empty.
+    """
+
+    unit = "head"
+
+    def __init__(self, cell, output, head_dim, num_heads, query=None, key=None, value=None, qkv=None,
+                 num_kv_heads=None, layout="linear", count_attributes=None, kept_heads=None):
+        super().__init__(cell, output, layout, num_heads, head_dim, kept_heads)
+        if qkv is None and None in (query, key, value) and num_heads:
+            raise ValueError("AttentionHeads: give query, key and value (paths of the projections), or qkv")
+        self.query, self.key, self.value, self.qkv = query, key, value, qkv
+        self.head_dim = self.width
+        self.num_heads = self.count
+        self.num_kv_heads = int(num_heads if num_kv_heads is None else num_kv_heads)
+        if not 0 <= self.num_kv_heads <= self.num_heads:
+            raise ValueError(f"AttentionHeads: num_kv_heads must be in 0..num_heads ({num_heads}), got {num_kv_heads}")
+        self.count_attributes = dict(count_attributes or {})
+        bad = {k: v for k, v in self.count_attributes.items() if v not in ("heads", "kv_heads", "width", "kv_width")}
+        if bad:
+            raise ValueError(f"AttentionHeads: count_attributes values must be 'heads', 'kv_heads', 'width' or "
+                             f"'kv_width', got {bad}")
+        self.kept_heads = self.kept
+
+
+class FFNUnits(_Units):
+    """Where one FFN's intermediate neurons are: ``inputs``, dotted paths below ``cell`` of the
+    projections with one output feature per neuron (``("dense",)``; SwiGLU: ``("gate_proj",
+    "up_proj")``), and ``output``, the projection reading them. The activation must map 0 to 0
+    (GELU, ReLU, SiLU-gated products) so a removed neuron equals a zero one."""
+
+    unit = "neuron"
+
+    def __init__(self, cell, inputs, output, num_neurons, layout="linear", count_attributes=None, kept_neurons=None):
+        super().__init__(cell, output, layout, num_neurons, 1, kept_neurons)
+        self.inputs = (inputs,) if isinstance(inputs, str) else tuple(inputs)
+        for path in self.inputs:
+            resolve_path(cell, path)
+        self.num_neurons = self.count
+        self.count_attributes = dict(count_attributes or {})
+        self.kept_neurons = self.kept
+
+
+# --------------------------------------------------------------------------------------------
+# Wrappers that keep the model's parameter names
+# --------------------------------------------------------------------------------------------
+class LayerWrapper(nn.Cell):
+    """Base of Cells that wrap one Cell (a transformer layer, a projection) without changing the
+    model's parameter names.
+
+    The wrapped Cell is held unregistered as ``self.layer``; its parameters and sub-Cells are
+    registered on the wrapper under their own names, so a wrapped model's parameters (and its
+    checkpoints) are named exactly as the unwrapped model's; ``set_train`` reaches the layer too.
+    """
+
+    def __init__(self, layer):
+        super().__init__()
+        if not isinstance(layer, nn.Cell):
+            raise TypeError(f"{type(self).__name__} wraps a mindspore.nn.Cell, got {type(layer).__name__}")
+        if isinstance(layer, type(self)):
+            raise ValueError(f"this layer is already wrapped by {type(layer).__name__}")
+        object.__setattr__(self, "layer", layer)
+        full_names = [(param, param.name) for param in layer.get_parameters()]
+        for name, param in layer._params.items():  # pylint: disable=protected-access
+            if param is not None:
+                setattr(self, name, param)
+        for name, cell in layer.name_cells().items():
+            setattr(self, name, cell)
+        # Registering renames the parameters relative to this wrapper ("ln_1.weight"); MindSpore's
+        # CellList assignment of the wrapper derives its prefix from the full names, so keep them.
+        for param, name in full_names:
+            param.name = name
+
+    def set_train(self, mode=True):
+        super().set_train(mode)
+        self.layer.set_train(mode)
+        return self
+
+
+class GatedInput(LayerWrapper):
+    """``projection(x)`` with x's units (heads of ``width`` features, or neurons: width 1) first
+    multiplied by ``gate``, a Cell mapping (..., units, width) to the same shape (an L0 gate, a
+    GradNAS mask). It replaces the projection in its owner; the gate's tensors are named
+    ``<projection>.<slot>.*``."""
+
+    def __init__(self, projection, gate, width, slot):
+        super().__init__(projection)
+        self.width = int(width)
+        self.slot = slot
+        setattr(self, slot, gate)
+        object.__setattr__(self, "gate", gate)
+
+    def construct(self, x):
+        units = x.shape[-1] // self.width
+        gated = self.gate(x.reshape(x.shape[:-1] + (units, self.width)))
+        return self.layer(gated.reshape(x.shape))
+
+
+def refresh(model):
+    """Call after wrapping or replacing any sub-Cell of ``model``. Names every Parameter by its path
+    in the model (or checkpoints would silently drop or collide on tensors), and makes graph mode
+    compile anew: MindSpore caches a Cell's graph by its creation time and id, so a model run before
+    the change would otherwise keep running its old graph, silently. Cells that wrap the model (loss
+    or train-step Cells) hold their own graphs: build them after the change."""
+    for name, param in model.parameters_and_names():
+        param.name = name
+    stamp = time.time_ns()
+    for _, cell in model.cells_and_names():
+        object.__setattr__(cell, "_create_time", stamp)
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# The adapter: a model's declaration, and the operations the algorithms run on it
+# --------------------------------------------------------------------------------------------
+class TransformerAdapter:
+    """A model's declaration of the protocol (see the module docstring); subclass it for a model
+    and override ``layers`` and, for head and neuron pruning, ``attention`` and ``ffn``.
+
+    The other methods are what the algorithms call; their defaults work from the declarations:
+    generic surgery slices the declared projections in place (a layer keeps at least one head: a
+    model that can lose all of a layer's heads says so by overriding ``prune_heads``).
+    """
+
+    layer_call = LayerCall()
+    skippable_layers = False
+    # whether a layer may lose every head (or neuron): the generic surgery keeps one per layer, and
+    # LRP and GradNAS then choose so
+    empty_layers_allowed = False
+
+    def __init__(self, model):
+        if not isinstance(model, nn.Cell):
+            raise TypeError(f"{type(self).__name__} adapts a mindspore.nn.Cell, got {type(model).__name__}")
+        self.model = model
+
+    # ---- the declaration ------------------------------------------------------------------------
+    def layers(self):
+        raise NotImplementedError(f"{type(self).__name__} must declare layers(): the CellList of the transformer "
+                                  f"layers")
+
+    def attention(self, layer):
+        raise NotImplementedError(f"{type(self).__name__} declares no attention(layer): head pruning needs an "
+                                  f"AttentionHeads per layer")
+
+    def ffn(self, layer):
+        """None when the model's FFN neurons are not prunable."""
+        return None
+
+    # ---- derived ---------------------------------------------------------------------------------
+    def num_layers(self):
+        return len(self.layers())
+
+    def attentions(self):
+        return [self.attention(i) for i in range(self.num_layers())]
+
+    def ffns(self):
+        """FFNUnits per layer, or None when the model declares none."""
+        ffns = [self.ffn(i) for i in range(self.num_layers())]
+        return None if any(f is None for f in ffns) else ffns
+
+    def heads_per_layer(self):
+        return [a.num_heads for a in self.attentions()]
+
+    def neurons_per_layer(self):
+        ffns = self.ffns()
+        return None if ffns is None else [f.num_neurons for f in ffns]
+
+    # ---- surgery ------------------------------------------------------------------------------
+    def prune_heads(self, heads_to_prune):
+        """Remove ``{layer: [original head numbers]}`` (generic: slices the declared projections)."""
+        attentions = self.attentions()
+        plan = checked_units("prune_heads", "head", heads_to_prune, [a.total for a in attentions])
+        for layer, heads in plan.items():
+            _slice_heads(attentions[layer], [p for p, h in enumerate(attentions[layer].kept) if h not in heads], layer)
+        refresh(self.model)
+        return self.model
+
+    def prune_ffn_neurons(self, neurons_to_prune):
+        ffns = self.ffns()
+        if ffns is None:
+            raise ValueError(f"{type(self).__name__} declares no ffn(layer): its FFN neurons cannot be pruned")
+        plan = checked_units("prune_ffn_neurons", "neuron", neurons_to_prune, [f.total for f in ffns])
+        for layer, neurons in plan.items():
+            ffn = ffns[layer]
+            positions = [p for p, n in enumerate(ffn.kept) if n not in neurons]
+            if not positions:
+                raise ValueError(f"prune_ffn_neurons: layer {layer} would lose all its neurons; this model's "
+                                 f"adapter keeps at least one")
+            for path in ffn.inputs:
+                slice_projection(resolve_cell(ffn.cell, path), positions, ffn.layout, axis="out")
+            slice_projection(ffn.output_projection(), positions, ffn.layout, axis="in")
+            _set_counts(ffn.cell, ffn.count_attributes, {"neurons": len(positions), "width": len(positions)})
+            object.__setattr__(ffn.cell, "total_neurons", ffn.total)
+            object.__setattr__(ffn.cell, "kept_neurons", [ffn.kept[p] for p in positions])
+        refresh(self.model)
+        return self.model
+
+    # ---- counting -------------------------------------------------------------------------------
+    def num_parameters(self):
+        return int(sum(int(np.prod(p.shape)) for p in self.model.get_parameters()))
+
+    def forward_flops(self, seq_len, batch_size=1):
+        """Multiply-adds x 2 of the transformer layers' projections (every 2-D weight) on every
+        token, plus the attention matmuls; embeddings and heads outside the layers are not counted."""
+        flops = 0
+        for i, layer in enumerate(self.layers()):
+            flops += projection_flops(layer, seq_len * batch_size)
+            attention = self.attention(i)
+            flops += attention_flops(attention.num_heads, attention.head_dim, seq_len) * batch_size
+        return flops
+
+
+def projection_flops(cell, tokens):
+    """2 x in x out per token of every 2-D weight below ``cell`` (the projections)."""
+    return sum(2 * int(np.prod(p.shape)) * tokens for _, p in cell.parameters_and_names()
+               if len(p.shape) == 2 and p.requires_grad)
+
+
+def attention_flops(num_heads, head_dim, seq_len):
+    """Scores (QK^T) and context (PV) matmuls of one sequence."""
+    return 2 * 2 * seq_len * seq_len * num_heads * head_dim
+
+
+_REGISTRY = []
+
+
+def register_adapter(model_class, adapter_class):
+    """Declare ``adapter_class`` (a :class:`TransformerAdapter` subclass) for ``model_class`` and its
+    subclasses: how a model you did not write takes part in every algorithm."""
+    if not (isinstance(model_class, type) and issubclass(model_class, nn.Cell)):
+        raise TypeError(f"register_adapter: model_class must be a mindspore.nn.Cell subclass, got {model_class!r}")
+    if not (isinstance(adapter_class, type) and issubclass(adapter_class, TransformerAdapter)):
+        raise TypeError(f"register_adapter: adapter_class must subclass TransformerAdapter, got {adapter_class!r}")
+    _REGISTRY[:] = [(m, a) for m, a in _REGISTRY if m is not model_class]
+    _REGISTRY.append((model_class, adapter_class))
+    return adapter_class
+
+
+def adapter(model):
+    """The model's :class:`TransformerAdapter`: one registered for its class (the most derived
+    match), else the model's own ``transformer_adapter()``."""
+    if isinstance(model, TransformerAdapter):
+        return model
+    matches = [(m, a) for m, a in _REGISTRY if isinstance(model, m)]
+    if matches:
+        model_class, adapter_class = min(matches, key=lambda pair: type(model).__mro__.index(pair[0]))
+        return adapter_class(model)
+    if hasattr(model, "transformer_adapter"):
+        return model.transformer_adapter()
+    raise TypeError(f"{type(model).__name__} does not declare the ms_prune model protocol: write a "
+                    f"TransformerAdapter for it and register_adapter({type(model).__name__}, YourAdapter) "
+                    f"(see the README section 'Your own model')")
+
+
+# --------------------------------------------------------------------------------------------
+# Gates on the output projections' inputs
+# --------------------------------------------------------------------------------------------
+SLOTS = {"head": "head_gate", "neuron": "neuron_gate"}
+
+
+def _units_of(model, kind):
+    if kind not in SLOTS:
+        raise ValueError(f"unit kind must be one of {sorted(SLOTS)}, got {kind!r}")
+    model_adapter = adapter(model)
+    if kind == "head":
+        return model_adapter.attentions()
+    ffns = model_adapter.ffns()
+    if ffns is None:
+        raise ValueError(f"{type(model).__name__} declares no prunable FFN neurons (its adapter has no ffn(layer))")
+    return ffns
+
+
+def attach_gates(model, kind, make):
+    """Put ``make(layer, units)`` (a gate Cell, or None for no gate) on the input of every layer's
+    output projection for ``kind`` ('head' or 'neuron'); returns the gates per layer (None where a
+    layer has no units left or ``make`` gave none)."""
+    units = _units_of(model, kind)
+    gates = []
+    for layer, declared in enumerate(units):
+        owner, name = declared.output_slot()
+        projection = getattr(owner, name)
+        if isinstance(projection, GatedInput):
+            raise ValueError(f"layer {layer} already has a {kind} gate ({type(projection.gate).__name__}); remove it "
+                             f"first")
+        gate = make(layer, declared) if declared.count else None
+        if gate is not None:
+            wrapped = GatedInput(projection, gate, declared.width, SLOTS[kind])
+            wrapped.set_train(projection.training)
+            setattr(owner, name, wrapped)
+        gates.append(gate)
+    refresh(model)
+    return gates
+
+
+def gates_of(model, kind):
+    """The gates :func:`attach_gates` put on, per layer (None where there is none)."""
+    gates = []
+    for declared in _units_of(model, kind):
+        owner, name = declared.output_slot()
+        cell = getattr(owner, name)
+        gates.append(cell.gate if isinstance(cell, GatedInput) else None)
+    return gates
+
+
+def detach_gates(model, kind):
+    """Remove the gates of ``kind``; returns how many there were."""
+    removed = 0
+    for declared in _units_of(model, kind):
+        owner, name = declared.output_slot()
+        cell = getattr(owner, name)
+        if isinstance(cell, GatedInput):
+            setattr(owner, name, cell.layer)
+            removed += 1
+    refresh(model)
+    return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Generic surgery
+# --------------------------------------------------------------------------------------------
+def checked_units(owner, unit, to_prune, totals):
+    """Validate ``{layer: [unit, ...]}`` (original numbers; ``totals``: per layer, how many there
+    were) before any surgery, so a bad index changes nothing; returns {layer: set(units)}."""
+    if not isinstance(to_prune, dict):
+        raise TypeError(f"{owner} takes {{layer: [{unit}s]}}, got {type(to_prune).__name__}")
+    checked = {}
+    for layer, units in to_prune.items():
+        if isinstance(layer, str) and layer.isdigit() and layer.isascii():
+            layer = int(layer)  # JSON object keys (config.json, a JSON plan) are strings
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise TypeError(f"{owner}: layer keys must be ints (or digit strings such as '0'), "
+                            f"got {layer!r} ({type(layer).__name__})")
+        if not 0 <= layer < len(totals):
+            raise ValueError(f"{owner}: layer {layer!r} is out of range; the model has layers 0..{len(totals) - 1}")
+        units = [units] if isinstance(units, (int, np.integer)) else list(units)
+        total = totals[layer]
+        bad = [u for u in units if isinstance(u, bool) or not isinstance(u, (int, np.integer)) or not 0 <= u < total]
+        if bad:
+            raise ValueError(f"{owner}: layer {layer} has {unit}s 0..{total - 1}; {unit}(s) {bad} are out of range")
+        checked[int(layer)] = {int(u) for u in units}
+    return checked
+
+
+def unit_columns(positions, width):
+    """Feature indices of the units at ``positions`` ( ``width`` features each, side by side)."""
+    if not len(positions):
+        return np.zeros((0,), np.int64)
+    return (np.asarray(positions, np.int64)[:, None] * width + np.arange(width)[None, :]).reshape(-1)
+
+
+def slice_projection(cell, features, layout, axis, blocks=1):
+    """Keep ``features`` of a projection Cell's outputs (``axis='out'``) or inputs ('in') by
+    replacing its ``weight``/``bias`` Parameters (same names) with sliced ones, in place (any Cell
+    with a 2-D ``weight``: ``nn.Dense``, ours); ``blocks`` > 1 for a fused projection whose outputs
+    are ``blocks`` equal parts, each sliced alike. Returns the Cell. The one slicing of ms_prune:
+    our models' surgery uses it too."""
+    weight = cell.weight.asnumpy()
+    out_axis = 0 if layout == "linear" else 1
+    index = np.asarray(features, np.int64)
+    if axis == "out":
+        part = weight.shape[out_axis] // blocks
+        index = np.concatenate([index + b * part for b in range(blocks)])
+    weight_axis = out_axis if axis == "out" else 1 - out_axis
+    _replace(cell, "weight", np.take(weight, index, axis=weight_axis))
+    if axis == "out" and getattr(cell, "bias", None) is not None:
+        _replace(cell, "bias", np.take(cell.bias.asnumpy(), index, axis=0))
+    for name, value in (("in_features", weight.shape[1 - out_axis] if axis == "out" else len(index)),
+                        ("out_features", len(index) if axis == "out" else weight.shape[out_axis])):
+        for alias in (name, name.replace("features", "channels")):
+            if isinstance(getattr(cell, alias, None), int):
+                setattr(cell, alias, int(value))
+    return cell
+
+
+def _replace(cell, name, array):
+    old = getattr(cell, name)
+    setattr(cell, name, Parameter(Tensor(np.ascontiguousarray(array), old.dtype), name=old.name,
+                                  requires_grad=old.requires_grad))
+
+
+def _set_counts(cell, attributes, values):
+    for name, what in attributes.items():
+        setattr(cell, name, int(values[what]))
+
+
+def _slice_heads(attention, positions, layer):
+    """Keep the heads at ``positions`` (current numbering) of a declared attention, in place. A
+    key/value head stays while one of its query heads does."""
+    if not positions:
+        raise ValueError(f"prune_heads: layer {layer} would lose all its heads; this model's adapter keeps at least "
+                         f"one (a model that handles an empty attention overrides prune_heads)")
+    if len(positions) == attention.num_heads:
+        return
+    if attention.num_heads % attention.num_kv_heads:
+        raise ValueError(f"prune_heads: layer {layer} has {attention.num_heads} query heads over "
+                         f"{attention.num_kv_heads} key/value heads; the generic surgery needs equal groups")
+    dim, group = attention.head_dim, attention.num_heads // attention.num_kv_heads
+    kv_positions = sorted({p // group for p in positions})
+    if group > 1 and any(len([p for p in positions if p // group == g]) != len(positions) // len(kv_positions)
+                         for g in kv_positions):
+        raise ValueError(f"prune_heads: layer {layer} would keep unequal numbers of query heads per key/value head "
+                         f"({positions} of {attention.num_heads} in groups of {group}); the generic grouped-query "
+                         f"surgery keeps whole groups or the same heads in every group")
+    columns = unit_columns(positions, dim)
+    if attention.qkv is not None:
+        if group > 1:
+            raise ValueError("prune_heads: a fused qkv projection with grouped key/value heads is not supported by the "
+                             "generic surgery")
+        slice_projection(resolve_cell(attention.cell, attention.qkv), columns, attention.layout, "out", blocks=3)
+    else:
+        slice_projection(resolve_cell(attention.cell, attention.query), columns, attention.layout, "out")
+        kv_columns = unit_columns(kv_positions, dim)
+        for path in (attention.key, attention.value):
+            slice_projection(resolve_cell(attention.cell, path), kv_columns, attention.layout, "out")
+    slice_projection(attention.output_projection(), columns, attention.layout, "in")
+    _set_counts(attention.cell, attention.count_attributes,
+                {"heads": len(positions), "kv_heads": len(kv_positions), "width": len(positions) * dim,
+                 "kv_width": len(kv_positions) * dim})
+    object.__setattr__(attention.cell, "total_heads", attention.total)
+    object.__setattr__(attention.cell, "kept_heads", [attention.kept[p] for p in positions])
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and replacing a layer's arguments inside construct (graph-mode safe: the keys are
+# compile-time constants, and keyword arguments are replaced in place, which graph mode supports
+# where building a new dict is not)
+# --------------------------------------------------------------------------------------------
+def call_argument(args, kwargs, key):
+    """The argument at ``key`` (a position or a keyword) of a layer call, or None when absent."""
+    if key is None:
+        return None
+    if isinstance(key, int):
+        if key < len(args):
+            return args[key]
+        return None
+    if key in kwargs:
+        return kwargs[key]
+    return None
