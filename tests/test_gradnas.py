@@ -128,8 +128,8 @@ def test_existing_gate_is_refused():
 def _zero_neurons(model, neurons):
     """The masked reference: the same model with those neurons' output-projection columns zeroed."""
     for layer, units in neurons.items():
-        units = model.ffn_units(layer)
-        projection, layout = units.output_projection(), units.layout
+        declared = model.ffn_units(layer)
+        projection, layout = declared.output_projection(), declared.layout
         weight = projection.weight.asnumpy().copy()
         if layout == "linear":
             weight[:, units] = 0
@@ -279,14 +279,14 @@ def test_refit_lowers_the_layer_reconstruction_error(mode):
     bias = Tensor((1.0 - np.tril(np.ones((1, 1, SEQ, SEQ), np.float32))) * MASK_VALUE)  # causal, as in scoring
     block = full.transformer.h[0]
     attn_in = block.ln_1(hidden)
-    mlp_in = block.ln_2(hidden + block.attn(attn_in, bias)[0])
-    targets = {"attn": block.attn(attn_in, bias)[0].asnumpy(), "mlp": block.mlp(mlp_in).asnumpy()}
+    mlp_in = block.ln_2(hidden + block.attn(attn_in, bias))
+    targets = {"attn": block.attn(attn_in, bias).asnumpy(), "mlp": block.mlp(mlp_in).asnumpy()}
     offsets = {"attn": block.attn.c_proj.bias.asnumpy(), "mlp": block.mlp.c_proj.bias.asnumpy()}
     errors = {}
     for refit, model in models.items():
         model.set_train(False)
         pruned = model.transformer.h[0]
-        outputs = {"attn": pruned.attn(attn_in, bias)[0].asnumpy(), "mlp": pruned.mlp(mlp_in).asnumpy()}
+        outputs = {"attn": pruned.attn(attn_in, bias).asnumpy(), "mlp": pruned.mlp(mlp_in).asnumpy()}
         errors[refit] = {k: float(np.sum((outputs[k] - targets[k]) ** 2) / np.sum((targets[k] - offsets[k]) ** 2))
                          for k in targets}
     assert errors[True]["attn"] < errors[False]["attn"]

@@ -17,7 +17,7 @@ from ms_prune.fileio import atomic_write
 from ms_prune.validation import check_bool, check_choice, check_instance, check_int, check_number
 
 from . import masks as _masks
-from .selection import CostModel, METRICS, measure, parse_constraints, select
+from .selection import CostModel, METRICS, kv_heads_per_layer, measure, parse_constraints, select
 
 METHODS = ("fisher", "abs_grad", "magnitude", "random")
 GRADIENT_METHODS = ("fisher", "abs_grad")
@@ -369,10 +369,8 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
 
     after = _costs(model, seq_len)
     heads_per_layer, neurons_per_layer = model_adapter.heads_per_layer(), model_adapter.neurons_per_layer() or []
-    predicted = cost_model.cost_of(heads_per_layer, neurons_per_layer)
-    grouped = any(a.num_kv_heads != a.num_heads for a in attentions)
-    # grouped-query attention: a whole group removed saves its key/value slices too (see selection)
-    if after[metric] > predicted or (after[metric] != predicted and not grouped):
+    predicted = cost_model.cost_of(heads_per_layer, neurons_per_layer, kv_heads=kv_heads_per_layer(model))
+    if after[metric] != predicted:
         raise RuntimeError(f"{owner}: the model's {metric} after pruning is {after[metric]:,}, the cost model "
                            f"predicted {predicted:,}: its structure is not what selection.CostModel assumes")
     result = {

@@ -9,8 +9,10 @@ model's own counters (the adapter's ``forward_flops``/``num_parameters``), so pr
 measured costs agree exactly, which ``apply_gradnas`` checks after the surgery.
 
 Grouped-query attention: a key/value head goes only with its whole group of query heads, so a
-query head is charged its Q and output slices and its attention matmuls, and the key/value
-projections stay in ``base``; removing a whole group then saves more than predicted, never less.
+query head is charged its Q and output slices and its attention matmuls; the key/value heads stay
+in ``base`` for the selectors (which treat them as kept), and ``cost_of(..., kv_heads=)``
+subtracts those that went with their whole group, so a pruned model may come in below the budget
+by them, and the reachable minimum named in errors is conservative by them.
 """
 import numpy as np
 
@@ -56,6 +58,27 @@ def head_cost(heads, metric, seq_len):
     return cost + _cost(dim * outputs, 0, metric, seq_len)
 
 
+def grouped(heads):
+    return heads.qkv is None and heads.num_kv_heads != heads.num_heads
+
+
+def kv_head_cost(heads, metric, seq_len):
+    """What one key/value head of a grouped-query attention costs: its rows of the key and value
+    projections (and their bias); 0 without grouping (a head's key and value are its own)."""
+    if not grouped(heads) or not heads.num_heads:
+        return 0
+    cost = 0
+    for path in (heads.key, heads.value):
+        inputs, _, bias = _dims(protocol.resolve_cell(heads.cell, path), heads.layout)
+        cost += _cost(heads.head_dim * inputs, heads.head_dim * bias, metric, seq_len)
+    return cost
+
+
+def kv_heads_per_layer(model):
+    """Key/value heads per layer of the grouped-query attentions (0 for the others)."""
+    return [a.num_kv_heads if grouped(a) else 0 for a in protocol.adapter(model).attentions()]
+
+
 def neuron_cost(ffn, metric, seq_len):
     """What one FFN neuron costs: a row of each input projection (and its bias), a column of the
     output projection."""
@@ -76,13 +99,17 @@ class CostModel:
         attentions, ffns = model_adapter.attentions(), model_adapter.ffns() or []
         self.head_costs = [head_cost(a, metric, seq_len) if a.num_heads else 0 for a in attentions]
         self.neuron_costs = [neuron_cost(f, metric, seq_len) if f.num_neurons else 0 for f in ffns]
+        self.kv_head_costs = [kv_head_cost(a, metric, seq_len) for a in attentions]
+        self.kv_heads = kv_heads_per_layer(model)
         self.current = measure(model, metric, seq_len)
         self.base = self.current - self.cost_of([a.num_heads for a in attentions],
                                                 [f.num_neurons for f in ffns], with_base=False)
 
-    def cost_of(self, heads, neurons, with_base=True):
+    def cost_of(self, heads, neurons, with_base=True, kv_heads=None):
         units = sum(h * c for h, c in zip(heads, self.head_costs)) + sum(
             n * c for n, c in zip(neurons, self.neuron_costs))
+        if kv_heads is not None:  # the key/value heads that went with their whole query group
+            units -= sum((before - now) * c for before, now, c in zip(self.kv_heads, kv_heads, self.kv_head_costs))
         return units + (self.base if with_base else 0)
 
 
