@@ -9,12 +9,14 @@ import pytest
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from ms_prune import protocol
 from ms_prune.heads import apply_lrp
 from ms_prune.gradnas import GradNAS, apply_gradnas, compute_scores
 from ms_prune.gradnas import masks as gradnas_masks
 from ms_prune.gradnas.gradnas import GradNASScores
 from ms_prune.models.bert import BertConfig, BertForSequenceClassification
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
+from ms_prune.models.llama import LlamaConfig, LlamaForCausalLM
 from ms_prune.models.modeling_utils import MASK_VALUE
 from ms_prune.training import LMLoss, set_context
 
@@ -203,6 +205,38 @@ def test_selectors_meet_the_budget_or_under(selector, constraint):
         assert result["after"][metric] == (model.forward_flops(SEQ) if metric == "flops" else model.num_parameters())
         _leftover_check(result, metric)
         assert result["ratios"][metric] < 1.0
+
+
+@pytest.mark.parametrize("metric", ["flops", "params"])
+def test_llama_grouped_query_heads_meet_the_budget(metric):
+    """Llama with 6 query heads sharing 2 key/value heads per layer: heads only (it declares no
+    prunable FFN); a key/value head goes only with its whole query group, and the model after
+    surgery costs no more than the cost model predicts (apply_gradnas raises otherwise)."""
+    groups_removed = 0
+    for seed, fraction in enumerate(["90%", "75%", "60%", "50%"]):
+        ms.set_seed(seed)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=48, intermediate_size=16, num_hidden_layers=3,
+                                             num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True))
+        assert protocol.adapter(model).ffns() is None  # no FFN declared: heads only
+        scores = compute_scores(model, method="random", seed=seed)
+        result = apply_gradnas(model, constraints={metric: fraction}, seq_len=SEQ, scores=scores)
+        assert result["after"][metric] <= result["budget"] and result["pruned_heads"] and not result["pruned_neurons"]
+        for attention in model.attention_layers():
+            assert attention.kept_kv_heads == sorted({h // 3 for h in attention.kept_heads})
+            kv_rows = attention.k_proj.out_features if attention.num_heads else 0
+            assert len(attention.kept_kv_heads) * attention.head_dim == kv_rows
+            groups_removed += 2 - len(attention.kept_kv_heads)
+    assert groups_removed  # the per-group cost correction was exercised
+
+
+def test_llama_fisher_scores_and_refit(mode):
+    ms.set_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=48, intermediate_size=16, num_hidden_layers=2,
+                                         num_attention_heads=6, num_key_value_heads=2))
+    result = apply_gradnas(model, LMLoss(model), gpt2_batches(2), constraints={"flops": "90%"}, seq_len=SEQ,
+                           refit=True)
+    assert result["scores"].method == "fisher" and all(h.sum() > 0 for h in result["scores"].heads)
+    assert sum(model.heads_per_layer()) < 12 and result["after"]["flops"] <= result["budget"]
 
 
 def test_unsatisfiable_budget_names_the_reachable_range():

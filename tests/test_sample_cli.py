@@ -1,6 +1,7 @@
 """Samples' command lines and configs (sample_cli), and where the data is found: every mistake
 is an error that names the setting, what was expected and what came."""
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -15,7 +16,8 @@ from ms_prune import data
 from ms_prune.training import device_target_name, sample_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLES = ["lrp_bert_sst2", "lrp_gpt_shakespeare", "pld_bert_mlm", "prune_minilm", "random_ltd_gpt_shakespeare"]
+SAMPLES = ["lrp_bert_sst2", "lrp_gpt_shakespeare", "pld_bert_mlm", "prune_minilm", "random_ltd_gpt_shakespeare",
+           "llama_smollm2"]
 
 
 def load_sample(name):
@@ -183,3 +185,44 @@ def test_an_installed_copy_finds_data_through_ms_prune_data(tmp_path):
     assert int(found.stdout.strip()) == len(data.read_sst2("dev")[0])
     lost = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere, env=env)
     assert lost.returncode != 0 and "set MS_PRUNE_DATA=" in lost.stderr
+
+
+# ---- item 7: the SmolLM2 sample, end to end on a tiny random Llama --------------------------
+def tiny_llama_dir(directory):
+    """A random grouped-query Llama (2 layers x 6 query heads sharing 2 key/value heads) and a
+    byte-level tokenizer (256 ids, no merges) in a Hugging Face-layout folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from ms_prune.models.llama import LlamaConfig, LlamaForCausalLM
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(alphabet), hidden_size=48, intermediate_size=32,
+                                         num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2,
+                                         max_position_embeddings=64, tie_word_embeddings=True))
+    model.save_pretrained(str(directory))
+    tokenizer.save(str(directory / "tokenizer.json"))
+    return str(directory)
+
+
+def test_llama_smollm2_runs_end_to_end_on_a_tiny_llama(tmp_path):
+    module = load_sample("llama_smollm2")
+    model_dir = tiny_llama_dir(tmp_path / "tiny")
+    config = write(tmp_path, {"seq_len": 16, "scoring": {"quick_batches": 2}, "quick_budgets": [0.5],
+                              "quick_methods": ["gradnas_global", "random"], "quick_eval_windows": 2,
+                              "finetune": {"quick_steps": 2, "methods": ["gradnas_global"]},
+                              "latency": {"quick_repeats": 2}, "log_every": 1})
+    out = tmp_path / "results" / "r.json"
+    result = module.main(["--quick", "--config", config, "--model_dir", model_dir, "--json", str(out)])
+    with open(out) as f:
+        assert json.load(f)["complete"] is True
+    assert (tmp_path / "results" / "r.png").stat().st_size > 0
+    base, (entry,) = result["baseline"], result["budgets"]
+    assert base["heads"] == 12 and base["kv_heads_per_layer"] == [2, 2] and result["eval_windows"] == 2
+    assert entry["flops_budget"] == int(base["flops"] - 0.5 * base["attention_flops"])
+    for name in ("gradnas_global", "random"):
+        row = entry["methods"][name]
+        assert row["flops"] <= entry["flops_budget"] and row["heads"] < 12 and np.isfinite(row["perplexity"])
+        assert row["attention_flops_ratio"] <= 0.5 and row["parameters"] < base["parameters"]
+    assert entry["latency"]["method"] == "gradnas_global" and entry["latency"]["ratio"] > 0
+    assert np.isfinite(entry["methods"]["gradnas_global"]["perplexity_finetuned"])
+    assert np.isfinite(base["perplexity_finetuned"]) and "perplexity_finetuned" not in entry["methods"]["random"]
