@@ -75,8 +75,10 @@ def kv_head_cost(heads, metric, seq_len):
 
 
 def kv_heads_per_layer(model):
-    """Key/value heads per layer of the grouped-query attentions (0 for the others)."""
-    return [a.num_kv_heads if grouped(a) else 0 for a in protocol.adapter(model).attentions()]
+    """Key/value heads per layer (0 for fused QKV). Counted whether or not the layer is grouped NOW: a
+    grouped layer pruned to one query head per key/value head is no longer ``grouped`` but still
+    has those key/value heads (layers not grouped when the CostModel was built have kv cost 0)."""
+    return [a.num_kv_heads if a.qkv is None else 0 for a in protocol.adapter(model).attentions()]
 
 
 def neuron_cost(ffn, metric, seq_len):
