@@ -182,7 +182,7 @@ def main(argv=None):
         train(m, ft_batches, 0, pick(ft), ft["lr"], ft["weight_decay"], log_every,
               os.path.join(checkpoints, tag + ("_quick" if quick else "")), args.resume)
 
-    finetuned = {}  # name -> fine-tuned model's row, for the methods in finetune.methods
+    finetuned = {}  # "<method>_<budget>" -> perplexity after the fine-tune (finetune.methods only)
     for keep in pick(config, "budgets"):
         budget = int(base["flops"] - (1 - keep) * base["attention_flops"])
         entry = {"attention_flops_keep": keep, "flops_budget": budget, "methods": {}}
