@@ -6,7 +6,9 @@
    scoring pass is timed);
 3. per FLOPs budget (at ``seq_len`` tokens) and method, prune a copy: gradnas_bisect (ModelOpt's
    selector), gradnas_global (Kwon et al.'s), gradnas_global_refit (with the least-squares refit),
-   magnitude and random (same selector and budget, other scores); evaluate, fine-tune briefly,
+   magnitude and random (their own scores, same budget and global selector, and the same number of
+   heads as gradnas_global keeps at that budget: their head and neuron scores are on different
+   scales, so left to choose the split they kept almost no heads); evaluate, fine-tune briefly,
    evaluate again;
 4. the fair baseline: the unpruned model trained as many extra steps as every pruned model;
 5. SST-2 accuracy (the 872-sentence GLUE dev set = ``read_sst2('test')``), FLOPs, parameters and
@@ -185,13 +187,26 @@ def main(argv=None):
         entry = {"flops_target": target, "accuracy": {}, "accuracy_finetuned": {}, "ratios": {},
                  "heads_per_layer": {}, "neurons_per_layer": {}}
         result["budgets"].append(entry)
+        constraints = {"flops": f"{100 * target:g}%"}
+        # the baselines keep as many heads as GradNAS's global selection does (the same head/neuron
+        # split of the budget): selection only, on a throwaway copy
+        split = apply_gradnas(BertForSequenceClassification.from_pretrained(folder), constraints=constraints,
+                              selector="global", seq_len=seq_len, scores=fisher)["heads_kept"]
+        entry["baseline_heads_kept"] = split
         for name in config["methods"]:
             method, selector, refit = METHODS[name]
             candidate = BertForSequenceClassification.from_pretrained(folder)
             outcome = apply_gradnas(candidate, ModelLoss(candidate, cross_entropy, -1), refit_batches,
-                                    constraints={"flops": f"{100 * target:g}%"}, selector=selector, seq_len=seq_len,
-                                    refit=refit, scores=scores[method])
+                                    constraints=constraints, selector=selector, seq_len=seq_len, refit=refit,
+                                    scores=scores[method], heads_kept=None if method == "fisher" else split)
             candidate.set_train(False)
+            if refit:
+                entry.setdefault("refit_error", {})[name] = outcome["refit"]
+                print(f"FLOPs {100 * target:g}% {name}: relative reconstruction error per layer (refit tokens), heads "
+                      + ", ".join(f"{a:.3f}->{b:.3f}" for a, b in zip(outcome["refit"]["head_error"],
+                                                                     outcome["refit"]["head_error_refit"]))
+                      + "; neurons " + ", ".join(f"{a:.3f}->{b:.3f}" for a, b in zip(
+                          outcome["refit"]["neuron_error"], outcome["refit"]["neuron_error_refit"])), flush=True)
             entry["accuracy"][name] = evaluate(candidate)
             entry["ratios"][name] = outcome["ratios"]
             entry["heads_per_layer"][name] = outcome["heads_per_layer"]

@@ -289,6 +289,27 @@ def test_global_keeps_more_score_than_bisect_on_the_same_budget():
     assert kept["global"] >= kept["bisect"] - 1e-9
 
 
+def test_heads_kept_fixes_the_split_for_baselines_on_another_scale():
+    """Random scores in [0, 1) for units of very different costs: left alone, global selection
+    keeps (almost) no heads; with ``heads_kept`` (e.g. GradNAS's split) it keeps exactly that many,
+    the best by their own score, and still meets the budget exactly-or-under."""
+    model = bert()
+    scores = compute_scores(model, method="random", seed=2)
+    free = apply_gradnas(bert(), constraints={"flops": "60%"}, seq_len=SEQ, scores=scores)
+    fixed = apply_gradnas(model, constraints={"flops": "60%"}, seq_len=SEQ, scores=scores, heads_kept=5)
+    assert sum(fixed["heads_per_layer"]) == 5 != sum(free["heads_per_layer"])
+    assert fixed["after"]["flops"] <= fixed["budget"]
+    kept = [s for layer in range(2) for h, s in zip(scores.kept_heads[layer], scores.heads[layer])
+            if h not in fixed["pruned_heads"].get(layer, [])]
+    assert min(kept) >= max(s for layer in range(2) for h, s in zip(scores.kept_heads[layer], scores.heads[layer])
+                            if h in fixed["pruned_heads"].get(layer, []))
+    with pytest.raises(ValueError, match="heads_kept needs selector='global'"):
+        apply_gradnas(bert(), constraints={"flops": "60%"}, seq_len=SEQ, scores=scores, selector="bisect",
+                      heads_kept=2)
+    with pytest.raises(ValueError, match="do not fit in the budget"):
+        apply_gradnas(bert(), constraints={"flops": "30%"}, seq_len=SEQ, scores=scores, heads_kept=8)
+
+
 # ---- refit -----------------------------------------------------------------------------------------
 def test_refit_lowers_the_layer_reconstruction_error(mode):
     """GPT-2 layer 0 (pre-LN: the attention and MLP outputs are the refit's targets): the pruned

@@ -68,8 +68,8 @@ class GradNAS(Algorithm):
 
     def apply(self, event, state, logger=None):
         if _event_name(event) == "INIT":
-            # fail before training, not at the pruning step, when the model lacks the hooks
-            # (attention_layers, ffn_layers, ffn_projections) or the budget is out of reach
+            # fail before training, not at the pruning step, when the model does not declare the
+            # model protocol or the budget is out of reach
             resolve_budget(type(self).__name__, state.model, self.constraints, self.seq_len)
             return
         if _event_name(event) == "AFTER_LOAD":

@@ -303,7 +303,8 @@ def resolve_budget(owner, model, constraints, seq_len):
 
 
 def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector="global", seq_len=None,
-                  refit=False, method="fisher", scores=None, num_batches=None, refit_batches=None, seed=0):
+                  refit=False, method="fisher", scores=None, num_batches=None, refit_batches=None, seed=0,
+                  heads_kept=None):
     """Prune ``model``'s heads and FFN neurons in place to meet ``constraints`` and return what
     was done (a dict).
 
@@ -316,12 +317,19 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
     instead of a new scoring pass with ``method`` on ``loss_net``/``batches``. ``refit=True``: the
     kept units' mask values are refitted by least squares so each layer reconstructs its unpruned
     output on ``refit_batches`` (default: the scoring batches), then folded into the output
-    projections. Build train steps and optimizers after this call (the model's Cells change).
+    projections. ``heads_kept`` (selector 'global'): keep exactly that many heads (the best by
+    score) and spend the rest of the budget on neurons, e.g. another method's split (its result's
+    ``heads_kept``) so that baselines whose head and neuron scores are on different scales
+    (magnitude, random) are compared at the same mix. Build train steps and optimizers after this
+    call (the model's Cells change).
     """
     owner = "apply_gradnas"
     metric = parse_constraints(owner, constraints, seq_len)[0]
     check_bool(owner, "refit", refit)
     check_choice(owner, "selector", selector, ("global", "bisect"))
+    check_int(owner, "heads_kept", heads_kept, minimum=0, allow_none=True)
+    if heads_kept is not None and selector != "global":
+        raise ValueError(f"{owner}: heads_kept needs selector='global', got selector={selector!r}")
     if seq_len is not None:
         check_int(owner, "seq_len", seq_len, minimum=1)
     before = _costs(model, seq_len)
@@ -333,6 +341,8 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
     check_instance(owner, "scores", scores, GradNASScores)
     scores.check_matches(model, owner)
     values, costs, table = _units(scores, cost_model)
+    if heads_kept is not None and heads_kept > int((table[:, 0] == 0).sum()):
+        raise ValueError(f"{owner}: heads_kept={heads_kept}, but the model has {int((table[:, 0] == 0).sum())} heads")
     model_adapter = protocol.adapter(model)
     # a model whose layers cannot lose every unit keeps each layer's best head (and neuron)
     forced = np.zeros(len(values), bool)
@@ -345,10 +355,17 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
         raise ValueError(f"{owner}: constraints={constraints!r} asks for {metric} <= {budget:,}, but this model keeps "
                          f"at least one head and one FFN neuron per layer (its adapter's empty_layers_allowed is "
                          f"False): the smallest reachable {metric} is {cost_model.base + int(costs[forced].sum()):,}")
+    forced_heads = int((forced & (table[:, 0] == 0)).sum())
+    if heads_kept is not None and heads_kept < forced_heads:
+        raise ValueError(f"{owner}: heads_kept={heads_kept}, but this model keeps at least one head per layer "
+                         f"({forced_heads})")
     free = ~forced
-    keep_free, details = select(selector, values[free], costs[free], table[free, 0], table[free, 1], room)
+    keep_free, details = select(selector, values[free], costs[free], table[free, 0], table[free, 1], room,
+                                None if heads_kept is None else heads_kept - forced_heads)
     keep = forced.copy()
     keep[free] = keep_free
+    if "heads_kept" in details:
+        details["heads_kept"] += forced_heads
 
     attentions, ffns = model_adapter.attentions(), model_adapter.ffns() or []
     keep_heads = [keep[(table[:, 0] == 0) & (table[:, 2] == layer)] for layer in range(len(attentions))]

@@ -144,10 +144,11 @@ def _fill(keep, order, costs, room):
     return keep
 
 
-def select_global(scores, costs, kinds, room):
+def select_global(scores, costs, kinds, room, heads_kept=None):
     """Kwon et al. 2022: rank heads and neurons globally by score per cost; for every number of
     kept heads h, keep the h best heads and as many of the best neurons as the rest of the budget
-    holds; choose the split that keeps the most total score."""
+    holds; choose the split that keeps the most total score. ``heads_kept``: use that h instead
+    (e.g. another method's split, so that scores of different scales compare fairly)."""
     keep = np.zeros(len(scores), bool)
     firsts = {}
     for kind in (0, 1):
@@ -157,7 +158,7 @@ def select_global(scores, costs, kinds, room):
                         np.concatenate([[0.0], np.cumsum(scores[ranked])]))
     (heads, head_cost_sum, head_score_sum), (neurons, neuron_cost_sum, neuron_score_sum) = firsts[0], firsts[1]
     best = None
-    for h in range(len(heads) + 1):
+    for h in range(len(heads) + 1) if heads_kept is None else [heads_kept]:
         left = room - head_cost_sum[h]
         if left < 0:
             break
@@ -165,6 +166,8 @@ def select_global(scores, costs, kinds, room):
         candidate = (head_score_sum[h] + neuron_score_sum[n], head_cost_sum[h] + neuron_cost_sum[n], h, n)
         if best is None or candidate[:2] > best[:2]:
             best = candidate
+    if best is None:
+        raise ValueError(f"apply_gradnas: heads_kept={heads_kept} heads do not fit in the budget")
     _, used, h, n = best
     keep[heads[:h]] = True
     keep[neurons[:n]] = True
@@ -211,9 +214,9 @@ def select_bisect(scores, costs, groups, room):
     return _fill(keep, order, costs, room - int(costs[keep].sum())), {"threshold": threshold}
 
 
-def select(selector, scores, costs, kinds, groups, room):
+def select(selector, scores, costs, kinds, groups, room, heads_kept=None):
     """Boolean keep per unit with ``sum(costs[keep]) <= room``, and selector details."""
     check_choice("apply_gradnas", "selector", selector, SELECTORS)
     if selector == "global":
-        return select_global(scores, costs, kinds, room)
+        return select_global(scores, costs, kinds, room, heads_kept)
     return select_bisect(scores, costs, groups, room)
