@@ -154,7 +154,17 @@ def release_graph_memory():
     """Each compiled MiniLM graph holds GBs of CPU memory (measured: ~2.7 GB for a 32 x 64
     training step); free those of finished phases or a run of several phases is OOM-killed."""
     gc.collect()
-    ms.ms_memory_recycle()
+    for attempt in range(3):
+        try:
+            ms.ms_memory_recycle()
+            return
+        except RuntimeError as err:
+            # MindSpore iterates its per-Cell compile cache while freeing graphs can delete Cells
+            # (and so cache entries): "dictionary changed size during iteration". What was freed
+            # stays freed; going again finishes the rest.
+            if "changed size" not in str(err) or attempt == 2:
+                raise
+            gc.collect()
 
 
 def main(argv=None):
