@@ -17,8 +17,8 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from ms_prune.fileio import atomic_write
-from ms_prune.protocol import (LayerCall, LayerWrapper, TransformerAdapter, checked_units, refresh, resolve_path,
-                               slice_projection, unit_columns)
+from ms_prune.protocol import (LayerCall, LayerWrapper, TransformerAdapter, attention_flops, checked_units, refresh,
+                               resolve_path, slice_projection, unit_columns)
 
 logger = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ class HeadPrunableAttention(nn.Cell):
 
     def attention_flops(self, seq_len):
         """Scores (QK^T) and context (PV) matmuls for one sequence."""
-        return 2 * 2 * seq_len * seq_len * self.num_heads * self.head_dim
+        return attention_flops(self.num_heads, self.head_dim, seq_len)
 
 
 class NeuronPrunableFFN(nn.Cell):
