@@ -90,6 +90,19 @@ def shakespeare_tokens(val_fraction=0.1, data_dir=None):
     return encode(text[:split]), encode(text[split:])
 
 
+def shakespeare_chars(val_fraction=0.1, data_dir=None):
+    """tiny Shakespeare as character ids (nanoGPT's char-level setting): (train, val), the
+    characters (id i is ``chars[i]``). With 65 symbols the embedding and LM head are negligible,
+    so a small model's cost is its transformer layers, as in a large model."""
+    with open(data_path("tinyshakespeare.txt", data_dir=data_dir), encoding="utf-8") as f:
+        text = f.read()
+    chars = sorted(set(text))
+    lookup = {c: i for i, c in enumerate(chars)}
+    ids = np.fromiter((lookup[c] for c in text), np.int32, len(text))
+    split = int(len(text) * (1 - val_fraction))
+    return (ids[:split], ids[split:]), chars
+
+
 def lm_batches(tokens, batch_size, seq_len, rng):
     """Endless random (input_ids, labels) windows of a token stream, labels shifted by one."""
     while True:

@@ -210,6 +210,7 @@ class Trainer:
             self.engine.run_event(Event.EPOCH_START)
         started, first_step = time.perf_counter(), state.step
         while state.step < self.max_steps:
+            step_started = time.perf_counter()
             batch = self._next_batch()
             state.batch = batch
             self.engine.run_event(Event.BATCH_START)
@@ -218,7 +219,8 @@ class Trainer:
             step = self._step_for(batch)
             before = compiled_graph_count(step)
             loss = step(*[Tensor(x) for x in batch])
-            self.compilations += compiled_graph_count(step) - before
+            compiled = compiled_graph_count(step) - before
+            self.compilations += compiled
             state.loss = float(loss.asnumpy())
             if not math.isfinite(state.loss):
                 raise FloatingPointError(f"Trainer: the loss is {state.loss} at step {state.step + 1}")
@@ -230,7 +232,10 @@ class Trainer:
             self.engine.run_event(Event.BATCH_END)
             if state.structure_changed:
                 self._build()
-            record = {"step": state.step, "loss": state.loss}
+            # seconds: the step's wall-clock (data and algorithm events included); a step that
+            # compiled a graph says so, so time-to-quality can count compilation apart
+            record = {"step": state.step, "loss": state.loss, "seconds": time.perf_counter() - step_started,
+                      "compiled": compiled > 0}
             if self.eval_interval and state.step % self.eval_interval == 0 and state.step < self.max_steps:
                 record.update(self.evaluate())
             self.history.append(record)
