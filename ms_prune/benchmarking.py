@@ -173,6 +173,17 @@ def run_record(run):
             "curve": [dict(zip(("step", "seconds", "quality"), c)) for c in run.curve]}
 
 
+def mean_ratio(ratios):
+    """The mean of per-seed ``time_to_baseline_quality`` ratios; None unless every seed reached
+    the baseline's quality (an average over the seeds that did would flatter the run)."""
+    return float(np.mean(ratios)) if ratios and None not in ratios else None
+
+
+def per_seed(records, names, keys=("final_quality", "compile_seconds")):
+    """{key: {run name: [value per seed]}} of ``run_record`` dicts: a result's per-run fields."""
+    return {key: {name: [r[key] for r in records if r["name"] == name] for name in names} for key in keys}
+
+
 def plot_time_to_quality(records, path, quality_name, title):
     """Quality against training steps and against training seconds, one line per run record
     (``run_record`` dicts with a ``label``)."""

@@ -30,8 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import mindspore as ms  # noqa: E402
 from mindspore import Tensor, nn, ops  # noqa: E402
 
-from ms_prune.benchmarking import TimedRun, plot_time_to_quality, race, run_record, time_to_quality  # noqa: E402
-from ms_prune.data import data_path  # noqa: E402
+from ms_prune.benchmarking import (TimedRun, mean_ratio, per_seed, plot_time_to_quality, race, run_record,  # noqa: E402
+                                   time_to_quality)
+from ms_prune.data import data_path, shakespeare_chars  # noqa: E402
 from ms_prune.engine import Trainer  # noqa: E402
 from ms_prune.engine.recipes import build_algorithms  # noqa: E402
 from ms_prune.models.bert import BertConfig, BertModel, activation  # noqa: E402
@@ -146,14 +147,12 @@ def timed_run(name, config, vocab, steps, seed, section, batches, val_batches, c
 
 def tokens(config):
     """(train ids, val ids, vocabulary size, [MASK] id); BERT's special tokens come first."""
+    if config["data"] == "char":
+        (train, val), chars = shakespeare_chars()
+        return train + len(SPECIAL), val + len(SPECIAL), len(chars) + len(SPECIAL), SPECIAL.index("[MASK]")
     with open(data_path("tinyshakespeare.txt"), encoding="utf-8") as f:
         text = f.read()
     split = int(len(text) * 0.9)
-    if config["data"] == "char":
-        chars = sorted(set(text))
-        lookup = {c: i + len(SPECIAL) for i, c in enumerate(chars)}
-        ids = np.fromiter((lookup[c] for c in text), np.int32, len(text))
-        return ids[:split], ids[split:], len(chars) + len(SPECIAL), SPECIAL.index("[MASK]")
     tokenizer = wordpiece(text[:split], config["vocab_size"])
     return (encode(tokenizer, text[:split]), encode(tokenizer, text[split:]), tokenizer.get_vocab_size(),
             tokenizer.token_to_id("[MASK]"))
@@ -211,7 +210,7 @@ def main(argv=None):
 
     names = ["baseline"] + list(settings)
     per_name = {n: [c["time_to_baseline_quality"] for c in comparisons if c["name"] == n] for n in settings}
-    mean = {n: (float(np.mean(r)) if r and None not in r else None) for n, r in per_name.items()}
+    mean = {n: mean_ratio(r) for n, r in per_name.items()}
     os.makedirs(config["output_dir"], exist_ok=True)
     png = os.path.join(config["output_dir"], name + ".png")
     result = {
@@ -220,8 +219,7 @@ def main(argv=None):
         # per seed for the PLD run; with --sweep, {setting: per seed}
         "time_to_baseline_quality": per_name if args.sweep else per_name["pld"],
         "time_to_baseline_quality_mean": mean if args.sweep else mean["pld"],
-        "final_quality": {n: [r["final_quality"] for r in records if r["name"] == n] for n in names},
-        "compile_seconds": {n: [r["compile_seconds"] for r in records if r["name"] == n] for n in names},
+        **per_seed(records, names),
         "comparisons": comparisons, "runs": records,
         "plot": plot_time_to_quality(records, png, "validation MLM loss",
                                      "Pre-LN BERT MLM on tiny Shakespeare: baseline vs progressive layer dropping"),

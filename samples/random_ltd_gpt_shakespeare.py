@@ -26,11 +26,10 @@ import logging
 import os
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from ms_prune.benchmarking import TimedRun, plot_time_to_quality, race, run_record, time_to_quality  # noqa: E402
+from ms_prune.benchmarking import (TimedRun, mean_ratio, per_seed, plot_time_to_quality, race, run_record,  # noqa: E402
+                                   time_to_quality)
 from ms_prune.data import compact_vocabulary, lm_batch_fn, shakespeare_chars, shakespeare_tokens  # noqa: E402
 from ms_prune.engine import Trainer  # noqa: E402
 from ms_prune.engine.recipes import build_algorithms  # noqa: E402
@@ -109,7 +108,7 @@ def main(argv=None):
 
     work = os.path.join(os.path.dirname(os.path.abspath(args.json)),
                         os.path.splitext(os.path.basename(args.json))[0] + "_checkpoints")
-    runs, comparisons, records = [], [], []
+    comparisons, records = [], []
     for seed in seeds:
         pair = [timed_run(name, config, seed, steps, data, eval_batches,
                           os.path.join(work, f"{name}_seed{seed}"), args.resume) for name in ("baseline", "random_ltd")]
@@ -132,21 +131,16 @@ def main(argv=None):
               + (f"x{ratio:.3f} of the baseline's" if ratio is not None else "not reached")
               + f"; compile {base.compile_seconds:.1f} s (baseline) / {ltd.compile_seconds:.1f} s (random-LTD, "
               f"{ltd.trainer.compilations} graphs)", flush=True)
-        runs.append(pair)
 
     ratios = [c["time_to_baseline_quality"] for c in comparisons]
-    reached = [r for r in ratios if r is not None]
-    mean_ratio = float(np.mean(reached)) if len(reached) == len(ratios) else None
+    mean = mean_ratio(ratios)
     result = {
         "config": config, "quick": args.quick, "steps": steps, "device": args.device_target, "mode": "GRAPH_MODE",
         "vocab_size": vocab_size, "seeds": seeds, "quality": "validation perplexity (lower is better)",
-        "time_to_baseline_quality": {"per_seed": ratios, "mean": mean_ratio},
-        "final_quality": {name: [r["final_quality"] for r in records if r["name"] == name]
-                          for name in ("baseline", "random_ltd")},
-        "compile_seconds": {name: [r["compile_seconds"] for r in records if r["name"] == name]
-                            for name in ("baseline", "random_ltd")},
+        "time_to_baseline_quality": {"per_seed": ratios, "mean": mean},
+        **per_seed(records, ("baseline", "random_ltd")),
         "comparisons": comparisons, "runs": records,
-        "goal_met": mean_ratio is not None and mean_ratio <= 0.8,
+        "goal_met": mean is not None and mean <= 0.8,
     }
     png = os.path.splitext(args.json)[0] + ".png"
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ms_prune.benchmarking import TimedRun, first_reach, race, run_record, time_to_quality
+from ms_prune.benchmarking import TimedRun, first_reach, mean_ratio, per_seed, race, run_record, time_to_quality
 from ms_prune.data import shakespeare_chars
 from ms_prune.engine import Trainer
 from ms_prune.training import lm_cross_entropy
@@ -107,6 +107,16 @@ def test_time_to_quality_is_the_ratio_of_seconds_to_the_baselines_final_quality(
     assert result["steps_to_baseline_quality"] == pytest.approx(0.75)
     algo.curve = [(0, 0.0, 10.0), (20, 12.0, 4.2)]
     assert time_to_quality(base, algo)["time_to_baseline_quality"] is None
+
+
+def test_a_mean_over_seeds_needs_every_seed_to_reach_the_quality():
+    assert mean_ratio([0.2, 0.4]) == pytest.approx(0.3)
+    assert mean_ratio([0.2, None]) is None and mean_ratio([]) is None
+    records = [{"name": "a", "final_quality": 1.0, "compile_seconds": 2.0},
+               {"name": "b", "final_quality": 3.0, "compile_seconds": 4.0},
+               {"name": "a", "final_quality": 5.0, "compile_seconds": 6.0}]
+    assert per_seed(records, ("a", "b")) == {"final_quality": {"a": [1.0, 5.0], "b": [3.0]},
+                                              "compile_seconds": {"a": [2.0, 6.0], "b": [4.0]}}
 
 
 def tiny_lm_data(step):
