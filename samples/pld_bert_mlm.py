@@ -4,17 +4,19 @@ process, for each seed; the measure is the wall-clock time each run needs to fir
 baseline's final validation MLM loss (``time_to_baseline_quality`` = PLD / baseline; below 1 is
 faster).
 
-    python samples/pld_bert_mlm.py --quick     # CPU, GRAPH_MODE, one seed: 12 minutes here with another job running
-    python samples/pld_bert_mlm.py             # the full run: two seeds
+    python samples/pld_bert_mlm.py --quick     # CPU, GRAPH_MODE, one seed, 600 steps per run
+    python samples/pld_bert_mlm.py             # the full run: two seeds, 2000 steps per run
+    python samples/pld_bert_mlm.py --config samples/configs/pld_bert_mlm_4_layers.yaml   # the smaller model
     python samples/pld_bert_mlm.py --quick --sweep   # the config's PLD settings against one baseline
     python samples/pld_bert_mlm.py --quick --resume  # continue an interrupted run
 
 Setting: character-level text (``data: char``: 65 characters plus BERT's special tokens), so the
-transformer layers are the cost and a small model learns past the unigram plateau within a
-short run; ``data: wordpiece`` trains a WordPiece vocabulary of ``vocab_size`` on the training
-text instead. Both runs are ``ms_prune.engine.Trainer`` runs (PLD with the
-``ProgressiveLayerDropping`` algorithm), trained in chunks of ``eval_every`` steps in turn, so load
-from elsewhere slows both alike. Training time counts each run's own steps (compiling steps at
+transformer layers are the cost (as in BERT-base, where the embedding and MLM head are a small part
+of a step) and a small model leaves the MLM plateau (predicting the character frequencies) within
+a few hundred steps of 32 x 32-character windows; ``data: wordpiece`` trains a WordPiece
+vocabulary of ``vocab_size`` on the training text instead. Both runs are ``ms_prune.engine.Trainer``
+runs (PLD with the ``ProgressiveLayerDropping`` algorithm), trained in chunks of ``eval_every``
+steps in turn, so load from elsewhere slows both alike. Training time counts each run's own steps (compiling steps at
 the run's median step time, the rest as ``compile_seconds``; evaluation excluded). The validation
 loss uses fixed batches and masks, with every layer run. Writes a JSON and a PNG of loss against
 steps and time. Checkpoints after every chunk allow ``--resume``.

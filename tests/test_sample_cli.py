@@ -17,7 +17,7 @@ from ms_prune.training import device_target_name, sample_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = ["lrp_bert_sst2", "lrp_gpt_shakespeare", "pld_bert_mlm", "prune_minilm", "random_ltd_gpt_shakespeare",
-           "llama_smollm2"]
+           "llama_smollm2", "gradnas_bert_sst2"]
 
 
 def load_sample(name):
@@ -55,6 +55,23 @@ def test_every_sample_has_quick_help_with_defaults_and_says_where_outputs_go(nam
     args, config = cli(module, ["--quick", "--device_target", "cpu"])
     assert args.quick and args.device_target == "CPU" and config == default_config(name)
     assert f"results go to {os.path.abspath(args.json)}" in capsys.readouterr().out
+
+
+VARIANTS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "samples", "configs"))
+                  if f.endswith(".yaml") and f[:-5] not in SAMPLES)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_variant_config_is_valid_for_its_sample(variant):
+    # a variant (e.g. pld_bert_mlm_4_layers) overrides some settings of the sample its name starts with
+    sample = max((s for s in SAMPLES if variant.startswith(s + "_")), key=len)
+    path = os.path.join(ROOT, "samples", "configs", variant + ".yaml")
+    _, config = cli(load_sample(sample), ["--config", path])
+    with open(path) as f:
+        overrides = yaml.safe_load(f)
+    assert overrides and set(overrides) <= set(config)
+    assert {k: v for k, v in config.items() if k not in overrides} == \
+        {k: v for k, v in default_config(sample).items() if k not in overrides}
 
 
 @pytest.mark.parametrize("given,name", [("cpu", "CPU"), ("Cpu", "CPU"), ("gpu", "GPU"), ("ASCEND", "Ascend"),
