@@ -34,3 +34,13 @@ def test_documented_python_runs_as_written(path, tmp_path):
     result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, f"{path}: its python blocks fail:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_committed_files_the_docs_name_exist(path):
+    # figures and configs a result table points at are committed (results/ is not)
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    named = set(re.findall(r"(?<![\w/.])((?:docs/figures|samples/configs)/[\w./-]+\.(?:png|yaml))", text))
+    missing = sorted(p for p in named if not os.path.isfile(os.path.join(ROOT, p)))
+    assert not missing, f"{path} names files that are not in the repository: {missing}"

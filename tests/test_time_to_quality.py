@@ -211,3 +211,20 @@ def test_a_sweep_setting_out_of_range_is_named(tmp_path):
     config = write_config(tmp_path, {"sweep": [{"learning_rate": 0.002, "theta": 1.5, "gamma_times_steps": 5.0}]})
     with pytest.raises(ValueError, match=r"sweep\[0\].theta must be in \(0, 1\], got 1.5"):
         load_sample("pld_bert_mlm").main(["--quick", "--sweep", "--config", config])
+
+
+def test_dynamic_shape_benchmark_reports_both_choices(tmp_path):
+    spec = importlib.util.spec_from_file_location("random_ltd_dynamic_shape",
+                                                  os.path.join(ROOT, "benchmarks", "random_ltd_dynamic_shape.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    out = str(tmp_path / "dynamic.json")
+    result = module.main(["--layers", "1", "--hidden", "16", "--heads", "2", "--batch_size", "2", "--lengths", "4", "8",
+                          "--repeats", "1", "--json", out])
+    with open(out) as f:
+        assert json.load(f)["lengths"] == [4, 8]
+    assert [e["kept_length"] for e in result["per_length"]] == [4, 8]
+    assert all(e["static_step_seconds"] > 0 and e["dynamic_step_seconds"] > 0 for e in result["per_length"])
+    with pytest.raises(ValueError, match="--lengths must be >= 1, got \\[0\\]"):
+        module.main(["--lengths", "0"])
