@@ -16,6 +16,11 @@
 
     python samples/gradnas_bert_sst2.py --quick        # CPU, GRAPH_MODE, < 15 minutes
     python samples/gradnas_bert_sst2.py                 # the full schedule (hours on 2 CPU cores)
+    python samples/gradnas_bert_sst2.py --resume        # go on with an interrupted run (its --json)
+
+``--resume`` keeps what an interrupted run with the same settings finished: the fine-tune (from its
+last checkpoint), the fair baseline, the scores (saved beside the JSON) and every (budget, method)
+already in the JSON; so the full schedule can be run in parts.
 """
 import hashlib
 import json
@@ -86,8 +91,9 @@ def unpadded_batches(rows, labels, batch_size, count, rng, min_len=12):
     return batches
 
 
-def fine_tuned_model(config, quick, batches, log_every):
-    """The fine-tuned MiniLM folder, made once per fine-tune setting (in the ms_prune cache)."""
+def fine_tuned_model(config, quick, batches, log_every, resume=False):
+    """The fine-tuned MiniLM folder, made once per fine-tune setting (in the ms_prune cache); with
+    ``resume``, an interrupted fine-tune goes on from its last checkpoint."""
     from ms_prune.hub import default_cache_dir, minilm_dir
     from ms_prune.models.bert import BertForSequenceClassification
     ft = config["finetune"]
@@ -103,25 +109,44 @@ def fine_tuned_model(config, quick, batches, log_every):
     model = BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
     freeze(model, config["freeze_word_embeddings"])
     print(f"fine-tuning MiniLM on SST-2 for {steps} steps of {config['batch_size']}", flush=True)
-    train(model, batches, 0, steps, ft["lr"], ft["weight_decay"], log_every, tempfile.mkdtemp(), False)
+    checkpoints = folder + ".checkpoints"
+    train(model, batches, 0, steps, ft["lr"], ft["weight_decay"], log_every, checkpoints, resume)
     partial = folder + f".partial-{os.getpid()}"
     model.save_pretrained(partial)
     with open(os.path.join(partial, "finetune_settings.json"), "w", encoding="utf-8") as f:
         json.dump(key, f, indent=2, sort_keys=True)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(partial, folder)  # a run killed mid-save leaves no half folder to reuse
+    shutil.rmtree(checkpoints, ignore_errors=True)
     return folder, True
+
+
+def interrupted_run(path, config, quick):
+    """The results JSON an interrupted run with these settings left at ``path`` (``--resume``), or
+    None when there is none."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        previous = json.load(f)
+    if previous.get("config") != config or previous.get("quick") != quick:
+        raise ValueError(f"--resume: {path} holds a run with other settings (config or --quick); run without "
+                         f"--resume to start again, or give another --json")
+    return previous
 
 
 def main(argv=None):
     args, config = sample_cli(__file__, __doc__, KEYS, "short schedules, one budget (< 15 min on CPU)", argv,
-                              [("--png", dict(default=None, help="figure path (None: the JSON path with .png)"))],
+                              [("--png", dict(default=None, help="figure path (None: the JSON path with .png)")),
+                               ("--resume", dict(action="store_true", help="keep what an interrupted run with these "
+                                                 "settings finished (its --json)"))],
                               ranges=RANGES)
     check_config(args.config, config)
+    previous = interrupted_run(args.json, config, args.quick) if args.resume else None
+    done = {b["flops_target"]: b for b in previous["budgets"]} if previous else {}
     logging.basicConfig(level=logging.INFO, format="  %(message)s")
     set_context("graph", args.device_target, seed=config["seed"])
 
-    from ms_prune.gradnas import apply_gradnas, compute_scores
+    from ms_prune.gradnas import GradNASScores, apply_gradnas, compute_scores
     from ms_prune.hub import minilm_dir
     from ms_prune.models.bert import BertForSequenceClassification
 
@@ -135,7 +160,7 @@ def main(argv=None):
     first_step = pick(config["finetune"])  # every recovery (and the fair baseline) sees the same batches after it
     evaluate = lambda m: accuracy(m, test_rows, test_labels, config["eval_batch_size"], buckets)  # noqa: E731
 
-    folder, trained_now = fine_tuned_model(config, quick, batches, log_every)
+    folder, trained_now = fine_tuned_model(config, quick, batches, log_every, args.resume)
     model = BertForSequenceClassification.from_pretrained(folder)
     model.set_train(False)
     base_accuracy = evaluate(model)
@@ -154,13 +179,16 @@ def main(argv=None):
             plot(result, png)
 
     # the fair baseline: unpruned, trained as many extra steps as every pruned model
-    same_steps = BertForSequenceClassification.from_pretrained(folder)
-    freeze(same_steps, config["freeze_word_embeddings"])
-    train(same_steps, batches, first_step, pick(rec), rec["lr"], rec["weight_decay"], log_every, tempfile.mkdtemp(),
-          False)
-    result["baseline_accuracy_finetuned"] = evaluate(same_steps)
-    del same_steps
-    release_graph_memory()
+    if previous and "baseline_accuracy_finetuned" in previous:
+        result["baseline_accuracy_finetuned"] = previous["baseline_accuracy_finetuned"]
+    else:
+        same_steps = BertForSequenceClassification.from_pretrained(folder)
+        freeze(same_steps, config["freeze_word_embeddings"])
+        train(same_steps, batches, first_step, pick(rec), rec["lr"], rec["weight_decay"], log_every,
+              tempfile.mkdtemp(), False)
+        result["baseline_accuracy_finetuned"] = evaluate(same_steps)
+        del same_steps
+        release_graph_memory()
     print(f"fair baseline (+{pick(rec)} steps, unpruned): {result['baseline_accuracy_finetuned']:.2f}%", flush=True)
     save_progress()
 
@@ -169,9 +197,17 @@ def main(argv=None):
     score_batches = [scoring(i) for i in range(pick(config["scoring"], "batches"))]
     refit_batches = unpadded_batches(train_rows, train_labels, config["batch_size"],
                                      pick(config["scoring"], "refit_batches"), np.random.default_rng(config["seed"] + 2))
-    start = time.time()
-    fisher = compute_scores(model, ModelLoss(model, cross_entropy, -1), score_batches)
-    result["score_seconds"] = time.time() - start
+    scores_path = os.path.splitext(args.json)[0] + "_scores.json"
+    if previous and "score_seconds" in previous and os.path.isfile(scores_path):
+        fisher = GradNASScores.load(scores_path)
+        fisher.check_matches(model, scores_path)
+        result["score_seconds"] = previous["score_seconds"]
+    else:
+        start = time.time()
+        fisher = compute_scores(model, ModelLoss(model, cross_entropy, -1), score_batches)
+        result["score_seconds"] = time.time() - start
+        fisher.save(scores_path)
+    result["scores_file"] = scores_path
     result["score_batches"] = len(score_batches)
     result["refit_tokens"] = int(sum(b[0].size for b in refit_batches))
     release_graph_memory()
@@ -184,8 +220,8 @@ def main(argv=None):
     lat_ids = Tensor(np.random.default_rng(1).integers(1000, 20000, (lat["batch_size"], lat["seq_len"])), ms.int32)
     lat_mask = Tensor(np.ones((lat["batch_size"], lat["seq_len"]), np.int32))
     for target in pick(config, "budgets"):
-        entry = {"flops_target": target, "accuracy": {}, "accuracy_finetuned": {}, "ratios": {},
-                 "heads_per_layer": {}, "neurons_per_layer": {}}
+        entry = done.get(target) or {"flops_target": target, "accuracy": {}, "accuracy_finetuned": {}, "ratios": {},
+                                     "heads_per_layer": {}, "neurons_per_layer": {}}
         result["budgets"].append(entry)
         constraints = {"flops": f"{100 * target:g}%"}
         # the baselines keep as many heads as GradNAS's global selection does (the same head/neuron
@@ -194,6 +230,9 @@ def main(argv=None):
                               selector="global", seq_len=seq_len, scores=fisher)["heads_kept"]
         entry["baseline_heads_kept"] = split
         for name in config["methods"]:
+            if name in entry["accuracy_finetuned"]:
+                print(f"FLOPs {100 * target:g}% {name}: kept from the interrupted run", flush=True)
+                continue
             method, selector, refit = METHODS[name]
             candidate = BertForSequenceClassification.from_pretrained(folder)
             outcome = apply_gradnas(candidate, ModelLoss(candidate, cross_entropy, -1), refit_batches,

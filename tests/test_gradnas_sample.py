@@ -1,0 +1,79 @@
+"""samples/gradnas_bert_sst2.py end to end on the real all-MiniLM-L6-v2 with a tiny schedule, and
+``--resume``: a run interrupted after some (budget, method) pairs goes on from there, keeping the
+fine-tune, the fair baseline and the scores it had."""
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import yaml
+
+from ms_prune import hub
+
+from conftest import fetch_or_skip
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = {"max_len": 16, "buckets": [16], "batch_size": 4, "eval_batch_size": 32,
+        "finetune": {"quick_steps": 2}, "scoring": {"quick_batches": 1, "quick_refit_batches": 1},
+        "seq_len": 16, "quick_budgets": [0.6], "methods": ["gradnas_global", "magnitude"],
+        "recovery": {"quick_steps": 1}, "latency": {"batch_size": 2, "seq_len": 16, "quick_repeats": 1},
+        "log_every": 1}
+PER_METHOD = ("accuracy", "accuracy_finetuned", "ratios", "heads_per_layer", "neurons_per_layer")
+
+
+def load_sample():
+    spec = importlib.util.spec_from_file_location("sample_gradnas_bert_sst2",
+                                                  os.path.join(ROOT, "samples", "gradnas_bert_sst2.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # graph mode imports the module of a Cell it parses
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sample_runs_and_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
+    minilm = fetch_or_skip(hub.minilm_dir, "all-MiniLM-L6-v2", "python -m ms_prune.hub minilm")
+    cache = tmp_path / "cache"  # the tiny fine-tune is cached here, not in the user's cache
+    cache.mkdir()
+    os.symlink(minilm, cache / os.path.basename(minilm.rstrip(os.sep)))
+    monkeypatch.setenv("MS_PRUNE_CACHE", str(cache))
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(TINY))
+    out = str(tmp_path / "gradnas.json")
+    argv = ["--quick", "--config", str(config), "--json", out]
+    module = load_sample()
+
+    first = module.main(argv)
+    entry = first["budgets"][0]
+    assert first["complete"] and sorted(entry["accuracy_finetuned"]) == ["gradnas_global", "magnitude"]
+    assert entry["flops_ratio"] <= 0.6 and 0 < entry["latency_ratio"]
+    assert os.path.isfile(first["scores_file"])
+
+    # the JSON as a run killed during the magnitude fine-tune left it
+    with open(out) as f:
+        saved = json.load(f)
+    for key in PER_METHOD:
+        del saved["budgets"][0][key]["magnitude"]
+    saved["complete"] = False
+    with open(out, "w") as f:
+        json.dump(saved, f)
+    capsys.readouterr()
+    second = module.main(argv + ["--resume"])
+    printed = capsys.readouterr().out
+    assert "fine-tuned MiniLM from the cache" in printed
+    assert "gradnas_global: kept from the interrupted run" in printed
+    assert "magnitude: kept" not in printed and "scored 72 heads" in printed
+    assert second["complete"] and second["score_seconds"] == first["score_seconds"]
+    assert second["baseline_accuracy_finetuned"] == first["baseline_accuracy_finetuned"]
+    redone = second["budgets"][0]
+    assert redone["accuracy_finetuned"]["gradnas_global"] == entry["accuracy_finetuned"]["gradnas_global"]
+    assert redone["ratios"]["magnitude"] == entry["ratios"]["magnitude"]
+    assert redone["accuracy_finetuned"]["magnitude"] == pytest.approx(entry["accuracy_finetuned"]["magnitude"],
+                                                                      abs=0.25)
+
+
+def test_resume_refuses_a_run_with_other_settings(tmp_path):
+    out = tmp_path / "gradnas.json"
+    out.write_text(json.dumps({"config": {"seed": 5}, "quick": True, "budgets": []}))
+    with pytest.raises(ValueError, match="--resume: .* holds a run with other settings"):
+        load_sample().main(["--quick", "--resume", "--json", str(out)])
