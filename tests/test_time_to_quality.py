@@ -147,8 +147,8 @@ def test_shakespeare_chars_round_trip_to_the_text():
     assert "".join(chars[i] for i in val[-50:]) == text[-50:]
 
 
-def load_sample(name):
-    spec = importlib.util.spec_from_file_location(f"sample_{name}", os.path.join(ROOT, "samples", name + ".py"))
+def load_sample(name, folder="samples"):
+    spec = importlib.util.spec_from_file_location(f"sample_{name}", os.path.join(ROOT, folder, name + ".py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # graph mode imports the module of a Cell it parses (MLMHead)
     spec.loader.exec_module(module)
@@ -214,11 +214,7 @@ def test_a_sweep_setting_out_of_range_is_named(tmp_path):
 
 
 def test_dynamic_shape_benchmark_reports_both_choices(tmp_path):
-    spec = importlib.util.spec_from_file_location("random_ltd_dynamic_shape",
-                                                  os.path.join(ROOT, "benchmarks", "random_ltd_dynamic_shape.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_sample("random_ltd_dynamic_shape", folder="benchmarks")
     out = str(tmp_path / "dynamic.json")
     result = module.main(["--layers", "1", "--hidden", "16", "--heads", "2", "--batch_size", "2", "--lengths", "4", "8",
                           "--repeats", "1", "--json", out])
