@@ -1,3 +1,4 @@
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -7,7 +8,8 @@ import pytest
 
 from ms_prune.training import set_context
 
-FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
 
 @pytest.fixture(params=["graph", "pynative"])
@@ -53,3 +55,13 @@ def fetch_or_skip(fetch, what, command):
         if in_ci():
             pytest.fail(message)
         pytest.skip(message)
+
+
+def load_script(name, folder="samples"):
+    """The module of ``<folder>/<name>.py`` (samples, benchmarks and fixture scripts are not a
+    package), registered in ``sys.modules``: graph mode imports the module of a Cell it parses."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", os.path.join(ROOT, folder, name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -1,34 +1,22 @@
 """samples/gradnas_bert_sst2.py end to end on the real all-MiniLM-L6-v2 with a tiny schedule, and
 ``--resume``: a run interrupted after some (budget, method) pairs goes on from there, keeping the
 fine-tune, the fair baseline and the scores it had."""
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import yaml
 
 from ms_prune import hub
 
-from conftest import fetch_or_skip
+from conftest import fetch_or_skip, load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"max_len": 16, "buckets": [16], "batch_size": 4, "eval_batch_size": 32,
         "finetune": {"quick_steps": 2}, "scoring": {"quick_batches": 1, "quick_refit_batches": 1},
         "seq_len": 16, "quick_budgets": [0.6], "methods": ["gradnas_global", "magnitude"],
         "recovery": {"quick_steps": 1}, "latency": {"batch_size": 2, "seq_len": 16, "quick_repeats": 1},
         "log_every": 1}
 PER_METHOD = ("accuracy", "accuracy_finetuned", "ratios", "heads_per_layer", "neurons_per_layer")
-
-
-def load_sample():
-    spec = importlib.util.spec_from_file_location("sample_gradnas_bert_sst2",
-                                                  os.path.join(ROOT, "samples", "gradnas_bert_sst2.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # graph mode imports the module of a Cell it parses
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_sample_runs_and_resumes_an_interrupted_run(tmp_path, monkeypatch, capsys):
@@ -41,7 +29,7 @@ def test_sample_runs_and_resumes_an_interrupted_run(tmp_path, monkeypatch, capsy
     config.write_text(yaml.safe_dump(TINY))
     out = str(tmp_path / "gradnas.json")
     argv = ["--quick", "--config", str(config), "--json", out]
-    module = load_sample()
+    module = load_script("gradnas_bert_sst2")
 
     first = module.main(argv)
     entry = first["budgets"][0]
@@ -76,4 +64,4 @@ def test_resume_refuses_a_run_with_other_settings(tmp_path):
     out = tmp_path / "gradnas.json"
     out.write_text(json.dumps({"config": {"seed": 5}, "quick": True, "budgets": []}))
     with pytest.raises(ValueError, match="--resume: .* holds a run with other settings"):
-        load_sample().main(["--quick", "--resume", "--json", str(out)])
+        load_script("gradnas_bert_sst2").main(["--quick", "--resume", "--json", str(out)])

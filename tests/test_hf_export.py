@@ -5,7 +5,6 @@ What transformers computes from the exported folders was recorded with the real 
 tests need no transformers: they check that today's export writes exactly those folders and that
 the pruned model computes what transformers computed from them.
 """
-import importlib.util
 import json
 import os
 
@@ -17,12 +16,9 @@ from safetensors.numpy import load_file
 from ms_prune.models.bert import BertForSequenceClassification, BertModel
 from ms_prune.models.gpt2 import GPT2LMHeadModel
 
-from conftest import FIXTURES
+from conftest import FIXTURES, load_script
 
-_spec = importlib.util.spec_from_file_location("export_hf_dense_fixtures",
-                                               os.path.join(FIXTURES, "export_hf_dense_fixtures.py"))
-plans = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(plans)
+plans = load_script("export_hf_dense_fixtures", folder=os.path.join("tests", "fixtures"))
 
 REF = np.load(os.path.join(FIXTURES, "reference.npz"))
 HF = np.load(os.path.join(FIXTURES, "hf_dense", "hf_outputs.npz"))

@@ -1,6 +1,5 @@
 """Samples' command lines and configs (sample_cli), and where the data is found: every mistake
 is an error that names the setting, what was expected and what came."""
-import importlib.util
 import json
 import os
 import shutil
@@ -15,16 +14,11 @@ import ms_prune
 from ms_prune import data
 from ms_prune.training import device_target_name, sample_cli
 
+from conftest import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = ["lrp_bert_sst2", "lrp_gpt_shakespeare", "pld_bert_mlm", "prune_minilm", "random_ltd_gpt_shakespeare",
            "llama_smollm2", "gradnas_bert_sst2"]
-
-
-def load_sample(name):
-    spec = importlib.util.spec_from_file_location(f"sample_{name}", os.path.join(ROOT, "samples", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def default_config(name):
@@ -45,7 +39,7 @@ def write(tmp_path, config):
 # ---- item 6: command lines ------------------------------------------------------------------
 @pytest.mark.parametrize("name", SAMPLES)
 def test_every_sample_has_quick_help_with_defaults_and_says_where_outputs_go(name, capsys):
-    module = load_sample(name)
+    module = load_script(name)
     with pytest.raises(SystemExit):
         cli(module, ["--help"])
     text = capsys.readouterr().out
@@ -66,7 +60,7 @@ def test_every_variant_config_is_valid_for_its_sample(variant):
     # a variant (e.g. pld_bert_mlm_4_layers) overrides some settings of the sample its name starts with
     sample = max((s for s in SAMPLES if variant.startswith(s + "_")), key=len)
     path = os.path.join(ROOT, "samples", "configs", variant + ".yaml")
-    _, config = cli(load_sample(sample), ["--config", path])
+    _, config = cli(load_script(sample), ["--config", path])
     with open(path) as f:
         overrides = yaml.safe_load(f)
     assert overrides and set(overrides) <= set(config)
@@ -82,7 +76,7 @@ def test_device_target_in_any_case(given, name):
 
 def test_unknown_device_target_is_named(capsys):
     with pytest.raises(SystemExit):
-        cli(load_sample("prune_minilm"), ["--device_target", "tpu"])
+        cli(load_script("prune_minilm"), ["--device_target", "tpu"])
     assert "device_target must be one of ['CPU', 'GPU', 'Ascend'] (any case), got 'tpu'" in capsys.readouterr().err
 
 
@@ -99,7 +93,7 @@ def test_unavailable_backend_says_so():
 
 # ---- item 4: configs checked at every depth -------------------------------------------------
 def test_unknown_and_misspelled_nested_keys_name_their_path(tmp_path):
-    module = load_sample("lrp_bert_sst2")
+    module = load_script("lrp_bert_sst2")
     config = default_config("lrp_bert_sst2")
     config["finetune"]["lrr"] = config["finetune"].pop("lr")
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['finetune.lrr'\]; allowed at finetune: "
@@ -112,7 +106,7 @@ def test_unknown_and_misspelled_nested_keys_name_their_path(tmp_path):
 
 
 def test_yaml_1e_4_is_a_float_and_left_out_keys_take_the_default(tmp_path):
-    module = load_sample("lrp_gpt_shakespeare")
+    module = load_script("lrp_gpt_shakespeare")
     args, config = cli(module, ["--config", write(tmp_path, "train: {lr: 1e-4}\nseed: 3\n")])
     assert config["train"]["lr"] == 1e-4 and isinstance(config["train"]["lr"], float)
     assert config["seed"] == 3 and config["train"]["steps"] == default_config("lrp_gpt_shakespeare")["train"]["steps"]
@@ -133,14 +127,14 @@ def test_yaml_1e_4_is_a_float_and_left_out_keys_take_the_default(tmp_path):
 def test_wrong_types_and_ranges_are_named(tmp_path, text, error, message):
     path = write(tmp_path, text)
     with pytest.raises(error, match=rf"{path}: {message}" if "mapping of" not in message else message):
-        cli(load_sample("lrp_gpt_shakespeare"), ["--config", path])
+        cli(load_script("lrp_gpt_shakespeare"), ["--config", path])
 
 
 def test_list_items_are_checked(tmp_path):
     with pytest.raises(TypeError, match=r"targets\[1\] must be a number, got 'half'"):
-        cli(load_sample("lrp_bert_sst2"), ["--config", write(tmp_path, "targets: [0.5, half]\n")])
+        cli(load_script("lrp_bert_sst2"), ["--config", write(tmp_path, "targets: [0.5, half]\n")])
     with pytest.raises(ValueError, match=r"random_ltd.layer_ids\[0\] must be an int in \[0, inf\], got -1"):
-        cli(load_sample("random_ltd_gpt_shakespeare"), ["--config", write(tmp_path, "random_ltd: {layer_ids: [-1]}\n")])
+        cli(load_script("random_ltd_gpt_shakespeare"), ["--config", write(tmp_path, "random_ltd: {layer_ids: [-1]}\n")])
 
 
 @pytest.mark.parametrize("keep,error,message", [
@@ -152,14 +146,14 @@ def test_keep_heads_per_layer_is_checked_against_the_model(tmp_path, keep, error
     from ms_prune.benchmarking import heads_with_smallest_output_norm
     from ms_prune.models.bert import BertConfig, BertModel
     with pytest.raises(error, match=message):
-        _, config = cli(load_sample("prune_minilm"), ["--config", write(tmp_path, {"keep_heads_per_layer": keep})])
+        _, config = cli(load_script("prune_minilm"), ["--config", write(tmp_path, {"keep_heads_per_layer": keep})])
         model = BertModel(BertConfig(vocab_size=20, hidden_size=24, num_hidden_layers=1, num_attention_heads=12,
                                      intermediate_size=8))
         heads_with_smallest_output_norm(model, config["keep_heads_per_layer"])
 
 
 def test_prune_minilm_quick_uses_the_quick_section(tmp_path):
-    args, config = cli(load_sample("prune_minilm"), ["--quick"])
+    args, config = cli(load_script("prune_minilm"), ["--quick"])
     assert args.quick and config["quick"] == {"batch_size": 8, "repeats": 3}
 
 
@@ -222,7 +216,7 @@ def tiny_llama_dir(directory):
 
 
 def test_llama_smollm2_runs_end_to_end_on_a_tiny_llama(tmp_path):
-    module = load_sample("llama_smollm2")
+    module = load_script("llama_smollm2")
     model_dir = tiny_llama_dir(tmp_path / "tiny")
     config = write(tmp_path, {"seq_len": 16, "scoring": {"quick_batches": 2}, "quick_budgets": [0.5],
                               "quick_methods": ["gradnas_global", "random"], "quick_eval_windows": 2,

@@ -1,10 +1,8 @@
 """Time to quality (ms_prune.benchmarking): the Trainer's per-step timing records, the TimedRun
 clock that keeps compilation apart, interleaved races, where a curve first reaches a quality
 (against a numpy reference), and the two samples end to end on tiny settings."""
-import importlib.util
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -15,7 +13,7 @@ from ms_prune.data import shakespeare_chars
 from ms_prune.engine import Trainer
 from ms_prune.training import lm_cross_entropy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_script
 
 
 class FakeState:
@@ -147,14 +145,6 @@ def test_shakespeare_chars_round_trip_to_the_text():
     assert "".join(chars[i] for i in val[-50:]) == text[-50:]
 
 
-def load_sample(name, folder="samples"):
-    spec = importlib.util.spec_from_file_location(f"sample_{name}", os.path.join(ROOT, folder, name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # graph mode imports the module of a Cell it parses (MLMHead)
-    spec.loader.exec_module(module)
-    return module
-
-
 def write_config(tmp_path, config):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -181,7 +171,7 @@ def test_random_ltd_sample_reports_time_to_quality(tmp_path):
                                      "quick_seeds": [0, 1],
                                      "random_ltd": {"min_value": 8, "max_value": 16, "seq_per_step": 8}})
     out = str(tmp_path / "results" / "rl.json")
-    result = load_sample("random_ltd_gpt_shakespeare").main(["--quick", "--config", config, "--json", out])
+    result = load_script("random_ltd_gpt_shakespeare").main(["--quick", "--config", config, "--json", out])
     check_time_to_quality_result(result, out, ("baseline", "random_ltd"))
     assert result["seeds"] == [0, 1] and len(result["time_to_baseline_quality"]["per_seed"]) == 2
     ltd = [r for r in result["runs"] if r["name"] == "random_ltd"][0]
@@ -196,7 +186,7 @@ def test_pld_sample_reports_time_to_quality_and_sweeps(tmp_path):
                                      "output_dir": str(tmp_path / "pld"),
                                      "sweep": [{"learning_rate": 0.002, "theta": 0.5, "gamma_times_steps": 5.0},
                                                {"learning_rate": 0.003, "theta": 0.75, "gamma_times_steps": 1.0}]})
-    module = load_sample("pld_bert_mlm")
+    module = load_script("pld_bert_mlm")
     out = str(tmp_path / "results" / "pld.json")
     result = module.main(["--quick", "--config", config, "--json", out])
     check_time_to_quality_result(result, out, ("baseline", "pld"))
@@ -210,11 +200,11 @@ def test_pld_sample_reports_time_to_quality_and_sweeps(tmp_path):
 def test_a_sweep_setting_out_of_range_is_named(tmp_path):
     config = write_config(tmp_path, {"sweep": [{"learning_rate": 0.002, "theta": 1.5, "gamma_times_steps": 5.0}]})
     with pytest.raises(ValueError, match=r"sweep\[0\].theta must be in \(0, 1\], got 1.5"):
-        load_sample("pld_bert_mlm").main(["--quick", "--sweep", "--config", config])
+        load_script("pld_bert_mlm").main(["--quick", "--sweep", "--config", config])
 
 
 def test_dynamic_shape_benchmark_reports_both_choices(tmp_path):
-    module = load_sample("random_ltd_dynamic_shape", folder="benchmarks")
+    module = load_script("random_ltd_dynamic_shape", folder="benchmarks")
     out = str(tmp_path / "dynamic.json")
     result = module.main(["--layers", "1", "--hidden", "16", "--heads", "2", "--batch_size", "2", "--lengths", "4", "8",
                           "--repeats", "1", "--json", out])
