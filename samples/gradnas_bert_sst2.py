@@ -192,26 +192,27 @@ def main(argv=None):
     print(f"fair baseline (+{pick(rec)} steps, unpruned): {result['baseline_accuracy_finetuned']:.2f}%", flush=True)
     save_progress()
 
-    # one scoring pass (fixed shape: max_len tokens, one graph); reused for every budget
-    scoring = train_batch_fn(train_rows, train_labels, config["batch_size"], [config["max_len"]], config["seed"] + 1)
-    score_batches = [scoring(i) for i in range(pick(config["scoring"], "batches"))]
     refit_batches = unpadded_batches(train_rows, train_labels, config["batch_size"],
                                      pick(config["scoring"], "refit_batches"), np.random.default_rng(config["seed"] + 2))
     scores_path = os.path.splitext(args.json)[0] + "_scores.json"
+    score_count = pick(config["scoring"], "batches")
     if previous and "score_seconds" in previous and os.path.isfile(scores_path):
         fisher = GradNASScores.load(scores_path)
         fisher.check_matches(model, scores_path)
         result["score_seconds"] = previous["score_seconds"]
-    else:
+    else:  # one scoring pass (fixed shape: max_len tokens, one graph); reused for every budget
+        scoring = train_batch_fn(train_rows, train_labels, config["batch_size"], [config["max_len"]],
+                                 config["seed"] + 1)
+        score_batches = [scoring(i) for i in range(score_count)]
         start = time.time()
         fisher = compute_scores(model, ModelLoss(model, cross_entropy, -1), score_batches)
         result["score_seconds"] = time.time() - start
         fisher.save(scores_path)
     result["scores_file"] = scores_path
-    result["score_batches"] = len(score_batches)
+    result["score_batches"] = score_count
     result["refit_tokens"] = int(sum(b[0].size for b in refit_batches))
     release_graph_memory()
-    print(f"scored 72 heads and {sum(len(n) for n in fisher.neurons)} neurons on {len(score_batches)} batches "
+    print(f"scored 72 heads and {sum(len(n) for n in fisher.neurons)} neurons on {score_count} batches "
           f"of {config['batch_size']}x{config['max_len']} in {result['score_seconds']:.1f} s", flush=True)
     scores = {"fisher": fisher, "magnitude": compute_scores(model, method="magnitude"),
               "random": compute_scores(model, method="random", seed=config["seed"])}
