@@ -1,7 +1,7 @@
 """GradNAS on a real pretrained BERT: all-MiniLM-L6-v2 (6 layers x 12 heads x 1536 FFN neurons) on SST-2.
 
 1. fine-tune MiniLM + a new classifier on SST-2 train (cached under ~/.cache/ms_prune, keyed by
-   the fine-tune settings, so later runs reuse it);
+   the fine-tune settings, so later runs and samples/lrp_bert_sst2.py reuse it);
 2. score every head and FFN neuron once (squared mask gradients over N training batches; the
    scoring pass is timed);
 3. per FLOPs budget (at ``seq_len`` tokens) and method, prune a copy: gradnas_bisect (ModelOpt's
@@ -22,11 +22,9 @@
 last checkpoint), the fair baseline, the scores (saved beside the JSON) and every (budget, method)
 already in the JSON; so the full schedule can be run in parts.
 """
-import hashlib
 import json
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -38,8 +36,8 @@ from mindspore import Tensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lrp_bert_sst2 import (accuracy, cross_entropy, freeze, release_graph_memory, sst2_rows, train,  # noqa: E402
-                           train_batch_fn)
+from lrp_bert_sst2 import (accuracy, cross_entropy, fine_tuned_model, freeze, release_graph_memory,  # noqa: E402
+                           sst2_rows, train, train_batch_fn)
 from ms_prune.benchmarking import compare_latency  # noqa: E402
 from ms_prune.engine.trainer import ModelLoss  # noqa: E402
 from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, sample_cli,  # noqa: E402
@@ -89,36 +87,6 @@ def unpadded_batches(rows, labels, batch_size, count, rng, min_len=12):
         ids = np.array([rows[i] for i in pick], np.int32)
         batches.append((ids, np.ones_like(ids), labels[pick]))
     return batches
-
-
-def fine_tuned_model(config, quick, batches, log_every, resume=False):
-    """The fine-tuned MiniLM folder, made once per fine-tune setting (in the ms_prune cache); with
-    ``resume``, an interrupted fine-tune goes on from its last checkpoint."""
-    from ms_prune.hub import default_cache_dir, minilm_dir
-    from ms_prune.models.bert import BertForSequenceClassification
-    ft = config["finetune"]
-    steps = ft["quick_steps"] if quick else ft["steps"]
-    key = {k: config[k] for k in ("max_len", "buckets", "batch_size", "freeze_word_embeddings", "seed")}
-    key.update(lr=ft["lr"], weight_decay=ft["weight_decay"], steps=steps, procedure="lrp_bert_sst2.train (Trainer)")
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    folder = os.path.join(default_cache_dir(), f"minilm-sst2-finetuned-{digest}")
-    if os.path.isfile(os.path.join(folder, "model.safetensors")):
-        print(f"fine-tuned MiniLM from the cache: {folder}", flush=True)
-        return folder, False
-    ms.set_seed(config["seed"])
-    model = BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
-    freeze(model, config["freeze_word_embeddings"])
-    print(f"fine-tuning MiniLM on SST-2 for {steps} steps of {config['batch_size']}", flush=True)
-    checkpoints = folder + ".checkpoints"
-    train(model, batches, 0, steps, ft["lr"], ft["weight_decay"], log_every, checkpoints, resume)
-    partial = folder + f".partial-{os.getpid()}"
-    model.save_pretrained(partial)
-    with open(os.path.join(partial, "finetune_settings.json"), "w", encoding="utf-8") as f:
-        json.dump(key, f, indent=2, sort_keys=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)  # a run killed mid-save leaves no half folder to reuse
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    return folder, True
 
 
 def interrupted_run(path, config, quick):

@@ -1,6 +1,7 @@
 """LRP head pruning of a real pretrained BERT: all-MiniLM-L6-v2 (6 layers x 12 heads) on SST-2.
 
-1. fine-tune MiniLM + a new classifier on SST-2 train;
+1. fine-tune MiniLM + a new classifier on SST-2 train (cached under ~/.cache/ms_prune, keyed by
+   the fine-tune settings; samples/gradnas_bert_sst2.py makes and reuses the same one);
 2. per target: train a copy with the LRP algorithm (a Hard-Concrete gate on every head; the
    Lagrangian term brings the expected number of open heads to the target), which prunes the
    closed heads for real at the end, then fine-tune briefly;
@@ -22,10 +23,12 @@ Goal: at least half of the 72 heads removed with at most 1.0 point of accuracy l
 better of the two unpruned baselines.
 """
 import gc
+import hashlib
+import json
 import logging
 import os
+import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -150,6 +153,37 @@ def train(model, batches, first_step, steps, lr, weight_decay, log_every, checkp
     release_graph_memory()
 
 
+def fine_tuned_model(config, quick, batches, log_every, resume=False):
+    """The fine-tuned MiniLM folder and whether it was made now: made once per fine-tune setting
+    (in the ms_prune cache), so this sample and samples/gradnas_bert_sst2.py share it when their
+    settings agree; with ``resume``, an interrupted fine-tune goes on from its last checkpoint."""
+    from ms_prune.hub import default_cache_dir, minilm_dir
+    from ms_prune.models.bert import BertForSequenceClassification
+    ft = config["finetune"]
+    steps = ft["quick_steps"] if quick else ft["steps"]
+    key = {k: config[k] for k in ("max_len", "buckets", "batch_size", "freeze_word_embeddings", "seed")}
+    key.update(lr=ft["lr"], weight_decay=ft["weight_decay"], steps=steps, procedure="lrp_bert_sst2.train (Trainer)")
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    folder = os.path.join(default_cache_dir(), f"minilm-sst2-finetuned-{digest}")
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        print(f"fine-tuned MiniLM from the cache: {folder}", flush=True)
+        return folder, False
+    ms.set_seed(config["seed"])
+    model = BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+    freeze(model, config["freeze_word_embeddings"])
+    print(f"fine-tuning MiniLM on SST-2 for {steps} steps of {config['batch_size']}", flush=True)
+    checkpoints = folder + ".checkpoints"
+    train(model, batches, 0, steps, ft["lr"], ft["weight_decay"], log_every, checkpoints, resume)
+    partial = folder + f".partial-{os.getpid()}"
+    model.save_pretrained(partial)
+    with open(os.path.join(partial, "finetune_settings.json"), "w", encoding="utf-8") as f:
+        json.dump(key, f, indent=2, sort_keys=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(partial, folder)  # a run killed mid-save leaves no half folder to reuse
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return folder, True
+
+
 def release_graph_memory():
     """Each compiled MiniLM graph holds GBs of CPU memory (measured: ~2.7 GB for a 32 x 64
     training step); free those of finished phases or a run of several phases is OOM-killed."""
@@ -190,16 +224,12 @@ def main(argv=None):
     phase = lambda name: os.path.join(work, name + ("_quick" if quick else ""))  # noqa: E731
     evaluate = lambda m: accuracy(m, test_rows, test_labels, config["eval_batch_size"], buckets)  # noqa: E731
 
-    ms.set_seed(config["seed"])
-    model = BertForSequenceClassification.from_pretrained(directory, num_labels=2)
-    freeze(model, config["freeze_word_embeddings"])
     ft = config["finetune"]
-    print(f"fine-tuning MiniLM on SST-2 for {pick(ft)} steps of {config['batch_size']}", flush=True)
-    train(model, batches, 0, pick(ft), ft["lr"], ft["weight_decay"], log_every, phase("finetune"), args.resume)
+    finetuned, _ = fine_tuned_model(config, quick, batches, log_every, args.resume)
+    model = BertForSequenceClassification.from_pretrained(finetuned)
+    model.set_train(False)
     base_accuracy = evaluate(model)
     print(f"fine-tuned MiniLM: SST-2 accuracy {base_accuracy:.2f}% ({time.time() - t0:.0f} s)", flush=True)
-    finetuned = tempfile.mkdtemp(prefix="lrp_bert_sst2_")
-    model.save_pretrained(finetuned)
 
     lat = config["latency"]
     lat_ids = Tensor(np.random.default_rng(1).integers(1000, 20000, (lat["batch_size"], lat["seq_len"])), ms.int32)
@@ -209,7 +239,7 @@ def main(argv=None):
     g, rec = config["gates"], config["recovery"]
     result = {"config": config, "quick": quick, "device": args.device_target, "mode": "GRAPH_MODE",
               "model": "all-MiniLM-L6-v2 + classifier", "eval_set": "SST-2 GLUE dev (872)",
-              "baseline": base_info, "runs": [], "complete": False}
+              "finetuned_model": finetuned, "baseline": base_info, "runs": [], "complete": False}
 
     png = args.png or os.path.splitext(args.json)[0] + ".png"
 
