@@ -250,15 +250,16 @@ def plot(result, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     methods = result["config"]["methods"]
-    for ax, key, baseline, title in ((axes[0], "accuracy", result["baseline_accuracy"], "after pruning"),
-                                     (axes[1], "accuracy_finetuned", result.get("baseline_accuracy_finetuned"),
-                                      "after a short fine-tune")):
+    fair = result.get("baseline_accuracy_finetuned")
+    for ax, key, title in ((axes[0], "accuracy", "after pruning"),
+                           (axes[1], "accuracy_finetuned", "after a short fine-tune")):
         for name in methods:
             points = sorted((b["ratios"][name]["flops"], b[key][name]) for b in result["budgets"] if name in b[key])
             if points:
                 ax.plot(*zip(*points), "o-", label=name)
-        if baseline is not None:
-            ax.axhline(baseline, color="gray", linestyle="--", label="unpruned")
+        ax.axhline(result["baseline_accuracy"], color="gray", linestyle="--", label="unpruned")
+        if key == "accuracy_finetuned" and fair is not None:
+            ax.axhline(fair, color="gray", linestyle=":", label="unpruned + the same steps")
         ax.set_xlabel(f"FLOPs ratio (at {result['seq_len']} tokens)")
         ax.set_ylabel("SST-2 accuracy (%)")
         ax.set_title(f"MiniLM, {title}")
