@@ -15,7 +15,7 @@
    GRAPH_MODE latency ratios into a JSON file (written after every phase) and a PNG figure.
 
     python samples/gradnas_bert_sst2.py --quick        # CPU, GRAPH_MODE, < 15 minutes
-    python samples/gradnas_bert_sst2.py                 # the full schedule (~1 h 45 min on 2 CPU cores)
+    python samples/gradnas_bert_sst2.py                 # the full schedule (~1 h 50 min on 2 CPU cores)
     python samples/gradnas_bert_sst2.py --resume        # go on with an interrupted run (its --json)
 
 ``--resume`` keeps what an interrupted run with the same settings finished: the fine-tune (from its

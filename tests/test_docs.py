@@ -10,7 +10,8 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import ROOT
+
 DOCS = sorted(["README.md"] + [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "ms_prune", "*", "README.md"))])
 BLOCK = re.compile(r"(<!--\s*not runnable:?(?P<reason>[^>]*)-->\s*\n)?```python\n(?P<code>.*?)```", re.S)
 

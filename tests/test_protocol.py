@@ -9,7 +9,9 @@ from mindspore import Tensor, nn
 from ms_prune import protocol
 from ms_prune.token_drop.random_ltd import kept_mask
 
-LIBRARY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ms_prune")
+from conftest import ROOT
+
+LIBRARY = os.path.join(ROOT, "ms_prune")
 # fetching pretrained models into the zoo (it converts SmolLM2's GGUF with the zoo's converter)
 ALLOWED = {"hub.py"}
 

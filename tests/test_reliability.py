@@ -17,10 +17,11 @@ from ms_prune import protocol
 from ms_prune.models.bert import BertConfig, BertForSequenceClassification
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
 
+from conftest import ROOT
+
 BERT = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=40,
             max_position_embeddings=16)
 GPT2 = dict(vocab_size=50, n_embd=32, n_layer=2, n_head=4, n_positions=16)
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def bert():

@@ -14,9 +14,8 @@ import ms_prune
 from ms_prune import data
 from ms_prune.training import device_target_name, sample_cli
 
-from conftest import load_script
+from conftest import ROOT, load_script
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLES = ["lrp_bert_sst2", "lrp_gpt_shakespeare", "pld_bert_mlm", "prune_minilm", "random_ltd_gpt_shakespeare",
            "llama_smollm2", "gradnas_bert_sst2"]
 
