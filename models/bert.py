@@ -12,11 +12,11 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_prune.protocol import AttentionHeads, FFNUnits
+from ms_prune.protocol import FFNUnits
 
 from .modeling_utils import (Embedding, HeadPrunableAttention, LayerNorm, Linear, NeuronPrunableFFN, OutputBias,
                              PreTrainedCell, PretrainedConfig, PrunedUnits, additive_padding_bias,
-                             check_model_inputs, slice_input_projection, slice_output_projection)
+                             check_model_inputs)
 
 __all__ = ["BertConfig", "BertModel", "BertForSequenceClassification", "HeadPrunerBertLRP", "mean_pooling"]
 
@@ -123,14 +123,8 @@ class BertAttention(HeadPrunableAttention):
         return self.output.LayerNorm(projected + hidden_states)
 
     def heads(self):
-        return AttentionHeads(self, "output.dense", self.head_dim, self.num_heads, query="self_attn.query",
-                              key="self_attn.key", value="self_attn.value", kept_heads=self.kept_heads)
-
-    def _slice_projections(self, positions):
-        columns = self.head_columns(positions)
-        for name in ("query", "key", "value"):
-            setattr(self.self_attn, name, slice_input_projection(getattr(self.self_attn, name), columns, "linear"))
-        self.output.dense = slice_output_projection(self.output.dense, columns, "linear")
+        return self.declare_heads("output.dense", query="self_attn.query", key="self_attn.key",
+                                  value="self_attn.value")
 
 
 class BertIntermediate(NeuronPrunableFFN):

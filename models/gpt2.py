@@ -11,12 +11,12 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ms_prune.protocol import AttentionHeads, FFNUnits
+from ms_prune.protocol import FFNUnits
 
 from .bert import activation
 from .modeling_utils import (MASK_VALUE, Conv1D, Embedding, HeadPrunableAttention, LayerNorm,
                              NeuronPrunableFFN, OutputBias, PreTrainedCell, PretrainedConfig, PrunedUnits,
-                             check_model_inputs, slice_input_projection, slice_output_projection)
+                             check_model_inputs)
 
 __all__ = ["GPT2Config", "GPT2Model", "GPT2LMHeadModel", "HeadPrunerGPTLRP"]
 
@@ -74,15 +74,7 @@ class GPT2Attention(HeadPrunableAttention):
         return self.resid_dropout(self.c_proj(context))
 
     def heads(self):
-        return AttentionHeads(self, "c_proj", self.head_dim, self.num_heads, qkv="c_attn", layout="conv1d",
-                              kept_heads=self.kept_heads)
-
-    def _slice_projections(self, positions):
-        columns = self.head_columns(positions)
-        inner = self.num_heads * self.head_dim
-        fused = np.concatenate([columns, columns + inner, columns + 2 * inner]) if len(columns) else columns
-        self.c_attn = slice_input_projection(self.c_attn, fused, "conv1d")
-        self.c_proj = slice_output_projection(self.c_proj, columns, "conv1d")
+        return self.declare_heads("c_proj", qkv="c_attn", layout="conv1d")
 
 
 class GPT2MLP(NeuronPrunableFFN):

@@ -24,11 +24,10 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from ms_prune.protocol import AttentionHeads, LayerCall
+from ms_prune.protocol import LayerCall
 
 from .modeling_utils import (Embedding, HeadPrunableAttention, Linear, OutputBias, PreTrainedCell,
-                             PretrainedConfig, causal_attention_bias, slice_input_projection,
-                             slice_output_projection)
+                             PretrainedConfig, causal_attention_bias)
 
 __all__ = ["LlamaConfig", "LlamaModel", "LlamaForCausalLM", "greedy_generate"]
 
@@ -174,20 +173,12 @@ class LlamaAttention(HeadPrunableAttention):
         return self.o_proj(self.attend_heads(q, k.transpose(0, 1, 3, 2), v, attention_bias))
 
     def heads(self):
-        return AttentionHeads(self, "o_proj", self.head_dim, self.num_heads, query="q_proj", key="k_proj",
-                              value="v_proj", num_kv_heads=self.num_kv_heads, kept_heads=self.kept_heads)
+        return self.declare_heads("o_proj", query="q_proj", key="k_proj", value="v_proj",
+                                  num_kv_heads=self.num_kv_heads)
 
-    def _slice_projections(self, positions):
-        kept = [self.kept_heads[p] for p in positions]
-        kept_kv = sorted({h // self.group_size for h in kept})
-        kv_columns = self.head_columns([self.kept_kv_heads.index(g) for g in kept_kv])
-        columns = self.head_columns(positions)
-        self.q_proj = slice_input_projection(self.q_proj, columns, "linear")
-        self.k_proj = slice_input_projection(self.k_proj, kv_columns, "linear")
-        self.v_proj = slice_input_projection(self.v_proj, kv_columns, "linear")
-        self.o_proj = slice_output_projection(self.o_proj, columns, "linear")
-        self.kept_kv_heads = kept_kv
-        self._index_kv_heads(kept)  # kept_heads itself is updated by the caller
+    def _heads_changed(self):
+        self.kept_kv_heads = sorted({h // self.group_size for h in self.kept_heads})
+        self._index_kv_heads(self.kept_heads)
 
 
 class LlamaMLP(nn.Cell):

@@ -17,8 +17,9 @@ from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
 from ms_prune.fileio import atomic_write
-from ms_prune.protocol import (LayerCall, LayerWrapper, TransformerAdapter, attention_flops, checked_units, refresh,
-                               resolve_path, slice_projection, unit_columns)
+from ms_prune.protocol import (AttentionHeads, LayerCall, LayerWrapper, TransformerAdapter, attention_flops,
+                               checked_units, head_positions, refresh, resolve_path, slice_heads, slice_projection,
+                               unit_columns)
 
 logger = logging.getLogger(__name__)
 
@@ -246,9 +247,9 @@ class OutputBias(nn.Cell):
 class HeadPrunableAttention(nn.Cell):
     """Base of the multi-head attentions: bookkeeping of which original heads remain.
 
-    Subclasses build their projections for ``self.kept_heads`` (original head numbers),
-    implement ``_slice_projections(positions)``, keeping heads at those current positions, and
-    ``heads()``, their declaration for the model protocol (``ms_prune.protocol.AttentionHeads``).
+    Subclasses build their projections for ``self.kept_heads`` (original head numbers) and
+    declare them in ``heads()`` (``declare_heads``) for the model protocol, whose one surgery
+    prunes them.
     """
 
     def __init__(self, num_heads, head_dim, kept_heads, dropout):
@@ -282,18 +283,25 @@ class HeadPrunableAttention(nn.Cell):
         context = ops.matmul(probs, v)
         return context.transpose(0, 2, 1, 3).reshape(batch, seq, self.num_heads * self.head_dim)
 
-    def prune_heads(self, heads):
-        """Remove the given original head numbers (already validated) that are still here."""
-        heads = set(heads)
-        positions = [i for i, h in enumerate(self.kept_heads) if h not in heads]
-        if len(positions) == self.num_heads:
-            return
-        self._slice_projections(positions)
-        self.kept_heads = [self.kept_heads[i] for i in positions]
-        self.num_heads = len(self.kept_heads)
+    def declare_heads(self, output, **projections):
+        """This attention's ``AttentionHeads``: the projections' paths (``query``/``key``/``value``
+        or ``qkv``, ``layout``, ``num_kv_heads``) and what our attentions share: ``num_heads`` kept
+        by the surgery, and a layer that may lose every head."""
+        return AttentionHeads(self, output, self.head_dim, self.num_heads, kept_heads=self.kept_heads,
+                              count_attributes={"num_heads": "heads"}, empty=self._remove_all_heads,
+                              after_surgery=self._heads_changed, **projections)
 
-    def _slice_projections(self, positions):
-        raise NotImplementedError
+    def _heads_changed(self):
+        """State derived from the kept heads beyond their count (Llama's key/value indexing)."""
+
+    def _remove_all_heads(self):
+        """An attention with no heads: no Q/K/V projections, and the output projection's bias alone."""
+        declared = self.heads()
+        for path in [declared.qkv] if declared.qkv else [declared.query, declared.key, declared.value]:
+            owner, name = resolve_path(self, path)
+            setattr(owner, name, None)
+        owner, name = declared.output_slot()
+        setattr(owner, name, slice_output_projection(getattr(owner, name), [], declared.layout))
 
     def heads(self):
         """This attention's ``AttentionHeads`` declaration."""
@@ -659,9 +667,10 @@ class PreTrainedCell(nn.Cell):
         """
         layers = self.attention_layers()
         checked = checked_units("prune_heads", "head", heads_to_prune, [a.total_heads for a in layers])
-        for layer, heads in checked.items():
-            layers[layer].prune_heads(heads)
-            self._record_pruned("pruned_heads", layer, heads)
+        declared = [a.heads() for a in layers]
+        for layer, positions in head_positions(declared, checked).items():
+            slice_heads(declared[layer], positions, layer)
+            self._record_pruned("pruned_heads", layer, checked[layer])
         self.refresh_after_surgery()
         return self
 
@@ -765,10 +774,14 @@ class PreTrainedAdapter(TransformerAdapter):
         except NotImplementedError:
             return None
 
-    def prune_heads(self, heads_to_prune):
+    def probe_inputs(self):
+        recorded = super().probe_inputs()
+        return recorded if recorded is not None else (np.zeros((1, 4), np.int32),)
+
+    def _prune_heads(self, heads_to_prune):
         return self.model.prune_heads(heads_to_prune)
 
-    def prune_ffn_neurons(self, neurons_to_prune):
+    def _prune_ffn_neurons(self, neurons_to_prune):
         return self.model.prune_ffn_neurons(neurons_to_prune)
 
     def num_parameters(self):

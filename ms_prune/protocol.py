@@ -24,13 +24,21 @@ After any wrapping or surgery, :func:`refresh` makes graph mode compile the mode
 caches a Cell's graph by the Cell, so a model that has run once would otherwise keep running its
 old graph, silently.
 """
+import copy
+import logging
 import time
+import traceback
+import warnings
 
 import numpy as np
+import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-__all__ = ["AttentionHeads", "FFNUnits", "GatedInput", "LayerCall", "LayerWrapper", "TransformerAdapter",
-           "adapter", "attach_gates", "detach_gates", "gates_of", "refresh", "register_adapter"]
+logger = logging.getLogger(__name__)
+
+__all__ = ["AttentionHeads", "FFNUnits", "GatedInput", "LayerCall", "LayerWrapper", "SurgeryError",
+           "TransformerAdapter", "adapter", "attach_gates", "check_declaration", "detach_gates", "gates_of",
+           "refresh", "register_adapter", "remember_inputs"]
 
 LAYOUTS = ("linear", "conv1d")
 
@@ -57,9 +65,26 @@ class LayerCall:
     is passed through unchanged. ``outputs``: None when the layer returns the hidden states alone,
     else the length of the tuple it returns, hidden states first (a layer dropped by PLD returns
     zeros for the others, which must be scalars such as auxiliary losses).
+
+    For token dropping (random-LTD), which must know the hidden states' shape on the host and what
+    in the call and the outputs is per token, without guessing from shapes:
+
+    * ``per_position``: arguments indexed by position with no batch axis, a (seq, ...) table such as
+      a precomputed rotary table, or a tuple of such tables (MindFormers' ``freqs_cis``): the layer
+      gets, per sequence, the kept tokens' rows, (batch, r, ...), or (batch, 1, r, ...) with
+      ``position_axis=2`` (what broadcasts against (batch, heads, r, head_dim) queries). A dict
+      ``{argument: (item, ...)}`` names which items of a tuple argument are tables (MindFormers'
+      (cos, sin, swap_mask): ``{1: (0, 1)}``); the others, and None items, pass unchanged.
+    * ``per_token_outputs``: indexes (>= 1) of tuple outputs shaped like the states' leading axes;
+      they are scattered back into zeros at the kept positions. Other outputs pass unchanged.
+    * ``token_shape``: a function ``(*batch) -> (batch_size, seq_len)`` of the hidden states the
+      layers receive, given a training step's batch (the model inputs first, then any targets;
+      numpy arrays or Tensors, only shapes need reading). None: the first input must be 2-D
+      integer token ids laid out like the states' leading axes.
     """
 
-    def __init__(self, hidden=0, mask=1, per_token=(), outputs=None, batch_first=True):
+    def __init__(self, hidden=0, mask=1, per_token=(), outputs=None, batch_first=True, per_position=(),
+                 position_axis=1, per_token_outputs=(), token_shape=None):
         owner = "LayerCall"
         self.hidden = _check_key(owner, "hidden", hidden)
         self.mask = _check_key(owner, "mask", mask, allow_none=True)
@@ -69,13 +94,39 @@ class LayerCall:
             raise ValueError(f"{owner}: outputs must be None (a tensor) or the tuple's length >= 1, got {outputs!r}")
         self.outputs = outputs
         self.batch_first = bool(batch_first)
-        keys = [k for k in (self.hidden, self.mask) + self.per_token if k is not None]
+        # local: nothing else in this module imports from ms_prune yet (move it up when it does)
+        from ms_prune.validation import check_int  # pylint: disable=import-outside-toplevel
+        if isinstance(per_position, dict):
+            entries = per_position.items()
+        else:
+            entries = [(k, None) for k in ((per_position,) if isinstance(per_position, (int, str)) else per_position)]
+        self.per_position = tuple(
+            (_check_key(owner, "per_position entries", k),
+             None if items is None else tuple(check_int(owner, f"per_position[{k!r}] items", i, minimum=0)
+                                              for i in ((items,) if isinstance(items, int) else items)))
+            for k, items in entries)
+        self.position_axis = check_int(owner, "position_axis", position_axis, minimum=1, maximum=2)
+        per_token_outputs = (per_token_outputs,) if isinstance(per_token_outputs, int) else tuple(per_token_outputs)
+        if per_token_outputs and outputs is None:
+            raise ValueError(f"{owner}: per_token_outputs {per_token_outputs} needs outputs (the tuple's length); "
+                             f"outputs is None (the layer returns one tensor)")
+        self.per_token_outputs = tuple(check_int(owner, "per_token_outputs entries", i, minimum=1,
+                                                 maximum=outputs - 1) for i in per_token_outputs)
+        if token_shape is not None and not callable(token_shape):
+            raise TypeError(f"{owner}: token_shape must be None or a function (*batch) -> (batch_size, seq_len), "
+                            f"got {type(token_shape).__name__}")
+        self.token_shape = token_shape
+        keys = [k for k in (self.hidden, self.mask) + self.per_token + tuple(k for k, _ in self.per_position)
+                if k is not None]
         if len(set(keys)) != len(keys):
-            raise ValueError(f"{owner}: hidden, mask and per_token name the same argument twice: {keys}")
+            raise ValueError(f"{owner}: hidden, mask, per_token and per_position name the same argument twice: "
+                             f"{keys}")
 
     def __repr__(self):
         return (f"LayerCall(hidden={self.hidden!r}, mask={self.mask!r}, per_token={self.per_token!r}, "
-                f"outputs={self.outputs!r}, batch_first={self.batch_first})")
+                f"outputs={self.outputs!r}, batch_first={self.batch_first}, per_position={self.per_position!r}, "
+                f"position_axis={self.position_axis}, per_token_outputs={self.per_token_outputs!r}, "
+                f"token_shape={self.token_shape!r})")
 
 
 def resolve_path(root, path):
@@ -127,6 +178,9 @@ class _Units:
         return cell.layer if isinstance(cell, GatedInput) else cell
 
 
+HEAD_COUNTS = ("heads", "kv_heads", "groups", "width", "kv_width")
+
+
 class AttentionHeads(_Units):
     """Where one attention's heads are: dotted paths below ``cell`` to its ``query``/``key``/
     ``value`` projections (or the fused ``qkv`` one: [Q | K | V] side by side) and to its
@@ -135,14 +189,23 @@ class AttentionHeads(_Units):
     attention: query head h reads key/value head h // (num_heads / num_kv_heads)).
 
     ``count_attributes``: attributes of ``cell`` that the attention computes its shapes from and
-    that surgery must update, {name: what}, what one of 'heads', 'kv_heads', 'width' (heads x
-    head_dim) or 'kv_width'. Our models do their own surgery and leave it empty.
+    that surgery must update, {name: what}, what one of 'heads', 'kv_heads', 'groups' (query heads
+    per key/value head, e.g. ``num_key_value_groups``), 'width' (heads x head_dim) or 'kv_width'.
+    ``after_surgery``: a function called after the projections are sliced, for state derived in
+    other ways (our Llama re-indexes which key/value head each query head reads).
+    ``empty``: a function that takes the attention to no heads at all (ours replace the
+    projections by the output projection's bias); without it a layer keeps at least one head.
+
+    Grouped-query attention is pruned to equal groups (whole key/value groups removed, and the same
+    number of query heads kept in every remaining group), what standard attention code assumes. A
+    fused ``qkv`` projection holds [Q (num_heads) | K (num_kv_heads) | V (num_kv_heads)] heads.
     """
 
     unit = "head"
 
     def __init__(self, cell, output, head_dim, num_heads, query=None, key=None, value=None, qkv=None,
-                 num_kv_heads=None, layout="linear", count_attributes=None, kept_heads=None):
+                 num_kv_heads=None, layout="linear", count_attributes=None, kept_heads=None, after_surgery=None,
+                 empty=None):
         super().__init__(cell, output, layout, num_heads, head_dim, kept_heads)
         if qkv is None and None in (query, key, value) and num_heads:
             raise ValueError("AttentionHeads: give query, key and value (paths of the projections), or qkv")
@@ -153,10 +216,14 @@ class AttentionHeads(_Units):
         if not 0 <= self.num_kv_heads <= self.num_heads:
             raise ValueError(f"AttentionHeads: num_kv_heads must be in 0..num_heads ({num_heads}), got {num_kv_heads}")
         self.count_attributes = dict(count_attributes or {})
-        bad = {k: v for k, v in self.count_attributes.items() if v not in ("heads", "kv_heads", "width", "kv_width")}
+        bad = {k: v for k, v in self.count_attributes.items() if v not in HEAD_COUNTS}
         if bad:
-            raise ValueError(f"AttentionHeads: count_attributes values must be 'heads', 'kv_heads', 'width' or "
-                             f"'kv_width', got {bad}")
+            raise ValueError(f"AttentionHeads: count_attributes values must be one of {HEAD_COUNTS}, got {bad}")
+        for name, function in (("after_surgery", after_surgery), ("empty", empty)):
+            if function is not None and not callable(function):
+                raise TypeError(f"AttentionHeads: {name} must be None or a function of no arguments, "
+                                f"got {type(function).__name__}")
+        self.after_surgery, self.empty = after_surgery, empty
         self.kept_heads = self.kept
 
 
@@ -208,9 +275,12 @@ class LayerWrapper(nn.Cell):
         for param, name in full_names:
             param.name = name
 
-    def set_train(self, mode=True):
-        super().set_train(mode)
-        self.layer.set_train(mode)
+    def add_flags_recursive(self, **flags):
+        # Cell.set_train (and MindSpore's Model) set the training flag through this recursion,
+        # which visits registered Cells only: the wrapped layer is unregistered, so without this a
+        # wrapper inside a wrapper (random-LTD inside PLD) keeps the flag it was built with.
+        super().add_flags_recursive(**flags)
+        self.layer.add_flags_recursive(**flags)
         return self
 
 
@@ -302,20 +372,37 @@ class TransformerAdapter:
         ffns = self.ffns()
         return None if ffns is None else [f.num_neurons for f in ffns]
 
+    def probe_inputs(self):
+        """One small batch of model inputs (a tuple of numpy arrays) that a probe forward runs after
+        every surgery, or None: by default the row :func:`remember_inputs` kept (the ``Trainer`` and
+        GradNAS keep their first batch's). Override it for a model with inputs of its own."""
+        return getattr(self.model, _PROBE, None)
+
     # ---- surgery ------------------------------------------------------------------------------
     def prune_heads(self, heads_to_prune):
-        """Remove ``{layer: [original head numbers]}`` (generic: slices the declared projections)."""
+        """Remove ``{layer: [original head numbers]}``: the declaration is checked, the surgery
+        (``_prune_heads``) runs, then a probe forward; if anything fails the model is restored."""
+        check_declaration(self.model, ("heads",))
+        return verified_surgery(self, "prune_heads", lambda: self._prune_heads(heads_to_prune))
+
+    def prune_ffn_neurons(self, neurons_to_prune):
+        """Remove ``{layer: [original neuron numbers]}``, checked and verified as ``prune_heads``."""
+        if self.ffns() is None:
+            raise ValueError(f"{type(self).__name__} declares no ffn(layer): its FFN neurons cannot be pruned")
+        check_declaration(self.model, ("neurons",))
+        return verified_surgery(self, "prune_ffn_neurons", lambda: self._prune_ffn_neurons(neurons_to_prune))
+
+    def _prune_heads(self, heads_to_prune):
+        """The generic surgery: slices the declared projections (:func:`slice_heads`)."""
         attentions = self.attentions()
         plan = checked_units("prune_heads", "head", heads_to_prune, [a.total for a in attentions])
-        for layer, heads in plan.items():
-            _slice_heads(attentions[layer], [p for p, h in enumerate(attentions[layer].kept) if h not in heads], layer)
+        for layer, positions in head_positions(attentions, plan).items():
+            slice_heads(attentions[layer], positions, layer)
         refresh(self.model)
         return self.model
 
-    def prune_ffn_neurons(self, neurons_to_prune):
+    def _prune_ffn_neurons(self, neurons_to_prune):
         ffns = self.ffns()
-        if ffns is None:
-            raise ValueError(f"{type(self).__name__} declares no ffn(layer): its FFN neurons cannot be pruned")
         plan = checked_units("prune_ffn_neurons", "neuron", neurons_to_prune, [f.total for f in ffns])
         for layer, neurons in plan.items():
             ffn = ffns[layer]
@@ -368,6 +455,10 @@ def register_adapter(model_class, adapter_class):
         raise TypeError(f"register_adapter: model_class must be a mindspore.nn.Cell subclass, got {model_class!r}")
     if not (isinstance(adapter_class, type) and issubclass(adapter_class, TransformerAdapter)):
         raise TypeError(f"register_adapter: adapter_class must subclass TransformerAdapter, got {adapter_class!r}")
+    previous = [a for m, a in _REGISTRY if m is model_class and a is not adapter_class]
+    if previous:
+        warnings.warn(f"register_adapter: {adapter_class.__name__} replaces {previous[0].__name__} as the adapter "
+                      f"of {model_class.__name__}", stacklevel=2)
     _REGISTRY[:] = [(m, a) for m, a in _REGISTRY if m is not model_class]
     _REGISTRY.append((model_class, adapter_class))
     return adapter_class
@@ -411,6 +502,8 @@ def attach_gates(model, kind, make):
     """Put ``make(layer, units)`` (a gate Cell, or None for no gate) on the input of every layer's
     output projection for ``kind`` ('head' or 'neuron'); returns the gates per layer (None where a
     layer has no units left or ``make`` gave none)."""
+    if kind in SLOTS:
+        check_declaration(model, ("heads",) if kind == "head" else ("neurons",))
     units = _units_of(model, kind)
     gates = []
     for layer, declared in enumerate(units):
@@ -455,6 +548,82 @@ def detach_gates(model, kind):
 # --------------------------------------------------------------------------------------------
 # Generic surgery
 # --------------------------------------------------------------------------------------------
+def head_groups(num_heads, num_kv_heads):
+    """Query-head positions per key/value head: grouped-query attention reads key/value head
+    p // (num_heads / num_kv_heads) for query head p. Equal groups are what standard attention code
+    (ours, transformers', every runtime) assumes, so the surgery keeps them equal."""
+    if num_heads == 0:
+        return []
+    if not num_kv_heads or num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot be split into {num_kv_heads} equal key/value groups")
+    size = num_heads // num_kv_heads
+    return [list(range(g * size, (g + 1) * size)) for g in range(num_kv_heads)]
+
+
+def feasible_head_counts(num_heads, num_kv_heads, allow_empty=True):
+    """The numbers of query heads a layer can keep with equal groups: m groups of k heads each."""
+    groups = head_groups(num_heads, num_kv_heads)
+    size = len(groups[0]) if groups else 0
+    counts = {m * k for m in range(1, len(groups) + 1) for k in range(1, size + 1)}
+    return sorted(counts | ({0} if allow_empty or not num_heads else set()))
+
+
+def best_grouped_heads(scores, num_heads, num_kv_heads, count):
+    """The ``count`` head positions with the largest total score among the sets that keep the same
+    number of query heads in every kept key/value group (whole groups go first when that scores
+    better); None when no such set has ``count`` heads. Ties go to the lower position."""
+    scores = np.asarray(scores, np.float64)
+    if count == 0:
+        return []
+    groups = head_groups(num_heads, num_kv_heads)
+    best, best_value = None, -np.inf
+    for m in range(1, len(groups) + 1):
+        if count % m or count // m > len(groups[0]):
+            continue
+        k = count // m
+        # each group's k best heads, then the m groups whose k best sum highest
+        tops = [sorted(g, key=lambda p: (-scores[p], p))[:k] for g in groups]
+        ranked = sorted(range(len(groups)), key=lambda g: (-scores[tops[g]].sum(), g))[:m]
+        value = sum(scores[tops[g]].sum() for g in ranked)
+        if value > best_value:
+            best, best_value = sorted(p for g in ranked for p in tops[g]), value
+    return best
+
+
+def select_grouped_heads(scores, attentions, total, allow_empty):
+    """Per layer, the head positions to keep: ``total`` heads over all layers (or the most that fit
+    below it when equal groups make ``total`` unreachable) with the largest total score, each layer
+    keeping equal key/value groups, and at least one head unless ``allow_empty``. ``scores``: per
+    layer, one score per current head; ``attentions``: the layers' :class:`AttentionHeads`.
+
+    A dynamic programme over layers and kept counts: exact for any per-layer group structure."""
+    options = []
+    for layer_scores, attention in zip(scores, attentions):
+        counts = feasible_head_counts(attention.num_heads, attention.num_kv_heads, allow_empty)
+        layer_options = {}
+        for c in counts:
+            kept = best_grouped_heads(layer_scores, attention.num_heads, attention.num_kv_heads, c)
+            layer_options[c] = (float(np.sum(np.asarray(layer_scores, np.float64)[kept])) if kept else 0.0, kept)
+        options.append(layer_options)
+    # best[t] = (value, choices) over the layers so far with t heads kept
+    best = {0: (0.0, [])}
+    for layer_options in options:
+        following = {}
+        for t, (value, choices) in best.items():
+            for c, (gain, kept) in layer_options.items():
+                if t + c > total:
+                    continue
+                candidate = (value + gain, choices + [kept])
+                if t + c not in following or candidate[0] > following[t + c][0]:
+                    following[t + c] = candidate
+        best = following
+    if not best:
+        minimum = sum(min(o) for o in options)
+        raise ValueError(f"no head selection keeps equal key/value groups with at most {total} heads: the layers "
+                         f"need at least {minimum} ({'none may be emptied' if not allow_empty else ''})")
+    return best[max(best)][1]
+
+
 def checked_units(owner, unit, to_prune, totals):
     """Validate ``{layer: [unit, ...]}`` (original numbers; ``totals``: per layer, how many there
     were) before any surgery, so a bad index changes nothing; returns {layer: set(units)}."""
@@ -520,41 +689,246 @@ def _set_counts(cell, attributes, values):
         setattr(cell, name, int(values[what]))
 
 
-def _slice_heads(attention, positions, layer):
-    """Keep the heads at ``positions`` (current numbering) of a declared attention, in place. A
-    key/value head stays while one of its query heads does."""
-    if not positions:
-        raise ValueError(f"prune_heads: layer {layer} would lose all its heads; this model's adapter keeps at least "
-                         f"one (a model that handles an empty attention overrides prune_heads)")
+def check_head_positions(attention, positions, layer):
+    """Refuse, before anything changes, a layer keeping ``positions`` (current numbering) that the
+    surgery cannot make: unequal key/value groups, or no head where the declaration has no
+    ``empty``. Returns the key/value heads kept."""
+    if len(positions) == attention.num_heads:
+        return list(range(attention.num_kv_heads))
+    try:
+        groups = head_groups(attention.num_heads, attention.num_kv_heads)
+    except ValueError as err:
+        raise ValueError(f"prune_heads: layer {layer}: {err}; the surgery keeps equal key/value groups") from None
+    kept_per_group = [len([p for p in members if p in positions]) for members in groups]
+    if len({n for n in kept_per_group if n}) > 1:
+        raise ValueError(f"prune_heads: layer {layer} would keep unequal numbers of query heads per key/value head "
+                         f"({kept_per_group} of {len(groups[0])} in each of {len(groups)} groups); keep whole groups "
+                         f"or the same number in every group (protocol.best_grouped_heads chooses such a set)")
+    if not positions and attention.empty is None:
+        raise ValueError(f"prune_heads: layer {layer} would lose all its heads; this model's adapter keeps at "
+                         f"least one (declare AttentionHeads(empty=...) for a model whose layers can lose all)")
+    return [g for g, n in enumerate(kept_per_group) if n]
+
+
+def head_positions(attentions, plan):
+    """{layer: positions kept} for a checked ``{layer: {original heads removed}}`` plan, every layer
+    checked (``check_head_positions``) before any surgery."""
+    kept = {}
+    for layer, heads in plan.items():
+        kept[layer] = [p for p, h in enumerate(attentions[layer].kept) if h not in heads]
+        check_head_positions(attentions[layer], kept[layer], layer)
+    return kept
+
+
+def slice_heads(attention, positions, layer):
+    """Keep the heads at ``positions`` (current numbering) of a declared attention, in place: the
+    one head surgery of ms_prune (our models' ``prune_heads`` call it too). Grouped-query attention
+    keeps equal groups (a key/value head stays while its group keeps query heads, and every kept
+    group keeps as many); a layer loses every head only through its declared ``empty``."""
+    positions = sorted(int(p) for p in positions)
     if len(positions) == attention.num_heads:
         return
-    if attention.num_heads % attention.num_kv_heads:
-        raise ValueError(f"prune_heads: layer {layer} has {attention.num_heads} query heads over "
-                         f"{attention.num_kv_heads} key/value heads; the generic surgery needs equal groups")
-    dim, group = attention.head_dim, attention.num_heads // attention.num_kv_heads
-    kv_positions = sorted({p // group for p in positions})
-    if group > 1 and any(len([p for p in positions if p // group == g]) != len(positions) // len(kv_positions)
-                         for g in kv_positions):
-        raise ValueError(f"prune_heads: layer {layer} would keep unequal numbers of query heads per key/value head "
-                         f"({positions} of {attention.num_heads} in groups of {group}); the generic grouped-query "
-                         f"surgery keeps whole groups or the same heads in every group")
-    columns = unit_columns(positions, dim)
-    if attention.qkv is not None:
-        if group > 1:
-            raise ValueError("prune_heads: a fused qkv projection with grouped key/value heads is not supported by the "
-                             "generic surgery")
-        slice_projection(resolve_cell(attention.cell, attention.qkv), columns, attention.layout, "out", blocks=3)
+    kv_positions = check_head_positions(attention, positions, layer)
+    if not positions:
+        attention.empty()
     else:
-        slice_projection(resolve_cell(attention.cell, attention.query), columns, attention.layout, "out")
-        kv_columns = unit_columns(kv_positions, dim)
-        for path in (attention.key, attention.value):
-            slice_projection(resolve_cell(attention.cell, path), kv_columns, attention.layout, "out")
-    slice_projection(attention.output_projection(), columns, attention.layout, "in")
+        dim = attention.head_dim
+        columns, kv_columns = unit_columns(positions, dim), unit_columns(kv_positions, dim)
+        if attention.qkv is not None:
+            queries, kvs = attention.num_heads * dim, attention.num_kv_heads * dim
+            fused = np.concatenate([columns, queries + kv_columns, queries + kvs + kv_columns])
+            slice_projection(resolve_cell(attention.cell, attention.qkv), fused, attention.layout, "out")
+        else:
+            slice_projection(resolve_cell(attention.cell, attention.query), columns, attention.layout, "out")
+            for path in (attention.key, attention.value):
+                slice_projection(resolve_cell(attention.cell, path), kv_columns, attention.layout, "out")
+        slice_projection(attention.output_projection(), columns, attention.layout, "in")
     _set_counts(attention.cell, attention.count_attributes,
-                {"heads": len(positions), "kv_heads": len(kv_positions), "width": len(positions) * dim,
-                 "kv_width": len(kv_positions) * dim})
+                {"heads": len(positions), "kv_heads": len(kv_positions), "width": len(positions) * attention.head_dim,
+                 "kv_width": len(kv_positions) * attention.head_dim,
+                 "groups": len(positions) // len(kv_positions) if kv_positions else 0})
     object.__setattr__(attention.cell, "total_heads", attention.total)
     object.__setattr__(attention.cell, "kept_heads", [attention.kept[p] for p in positions])
+    if attention.after_surgery is not None:
+        attention.after_surgery()
+
+
+# --------------------------------------------------------------------------------------------
+# Declarations checked before they are used, and surgery verified by a probe forward
+# --------------------------------------------------------------------------------------------
+class SurgeryError(RuntimeError):
+    """The model's own code could not run after a surgery; the model was restored to what it was."""
+
+
+def _out_in(cell, layout):
+    weight = getattr(cell, "weight", None)
+    if weight is None or len(weight.shape) != 2:
+        return None
+    return (weight.shape[0], weight.shape[1]) if layout == "linear" else (weight.shape[1], weight.shape[0])
+
+
+def check_declaration(model, what=("heads", "neurons")):
+    """Check the model's adapter against the model before an algorithm relies on it: every declared
+    projection exists, head count x head size (and key/value heads x head size) match the
+    projections' widths, key/value heads divide the query heads, and each FFN's projections agree on
+    its neuron count. Raises ValueError naming the layer and the declaration; returns the adapter.
+    (Without this a wrong declaration showed only at the prune step, after the whole run, or as a raw
+    kernel error.)"""
+    model_adapter = adapter(model)
+    name = type(model_adapter).__name__
+    problems = []
+    for i in range(model_adapter.num_layers()):
+        if "heads" in what:
+            try:
+                attention = model_adapter.attention(i)
+            except NotImplementedError:
+                break
+            except (AttributeError, ValueError, TypeError) as err:
+                raise ValueError(f"{name}.attention({i}) is not a valid declaration: {err}") from None
+            problems += [f"attention({i}): {p}" for p in _attention_problems(attention)]
+        if "neurons" in what:
+            try:
+                ffn = model_adapter.ffn(i)
+            except (AttributeError, ValueError, TypeError) as err:
+                raise ValueError(f"{name}.ffn({i}) is not a valid declaration: {err}") from None
+            if ffn is not None:
+                problems += [f"ffn({i}): {p}" for p in _ffn_problems(ffn)]
+    if problems:
+        raise ValueError(f"{name} declares what {type(model).__name__} does not have: " + "; ".join(problems))
+    return model_adapter
+
+
+def _attention_problems(attention):
+    if not attention.num_heads:
+        return []
+    problems = []
+    if attention.num_kv_heads == 0 or attention.num_heads % attention.num_kv_heads:
+        problems.append(f"num_kv_heads {attention.num_kv_heads} does not divide num_heads {attention.num_heads}")
+    width, kv_width = attention.num_heads * attention.head_dim, attention.num_kv_heads * attention.head_dim
+    expected = [(attention.qkv, "out", width + 2 * kv_width, "num_heads x head_dim + 2 x num_kv_heads x head_dim")] \
+        if attention.qkv is not None else [(attention.query, "out", width, "num_heads x head_dim"),
+                                           (attention.key, "out", kv_width, "num_kv_heads x head_dim"),
+                                           (attention.value, "out", kv_width, "num_kv_heads x head_dim")]
+    expected.append((attention.output, "in", width, "num_heads x head_dim"))
+    for path, axis, size, formula in expected:
+        try:
+            cell = resolve_cell(attention.cell, path)
+        except AttributeError:
+            problems.append(f"no projection {path!r} below {type(attention.cell).__name__}")
+            continue
+        cell = cell.layer if isinstance(cell, GatedInput) else cell
+        dims = _out_in(cell, attention.layout)
+        if dims is None:
+            problems.append(f"{path!r} has no 2-D weight")
+        elif dims[0 if axis == "out" else 1] != size:
+            problems.append(f"{path!r} has {dims[0 if axis == 'out' else 1]} {'output' if axis == 'out' else 'input'} "
+                            f"features, but {formula} = {size} (num_heads={attention.num_heads}, "
+                            f"num_kv_heads={attention.num_kv_heads}, head_dim={attention.head_dim}, "
+                            f"layout={attention.layout!r})")
+    return problems
+
+
+def _ffn_problems(ffn):
+    if not ffn.num_neurons:
+        return []
+    problems = []
+    for path, axis in [(p, "out") for p in ffn.inputs] + [(ffn.output, "in")]:
+        cell = resolve_cell(ffn.cell, path)
+        cell = cell.layer if isinstance(cell, GatedInput) else cell
+        dims = _out_in(cell, ffn.layout)
+        if dims is None:
+            problems.append(f"{path!r} has no 2-D weight")
+        elif dims[0 if axis == "out" else 1] != ffn.num_neurons:
+            problems.append(f"{path!r} has {dims[0 if axis == 'out' else 1]} {'output' if axis == 'out' else 'input'} "
+                            f"features, but num_neurons is {ffn.num_neurons}")
+    return problems
+
+
+_PROBE = "_ms_prune_probe_inputs"
+
+
+def remember_inputs(model, inputs):
+    """Keep one row of the model inputs ``inputs`` (numpy arrays or Tensors) as the probe that
+    verifies the model after surgery. The ``Trainer`` and GradNAS call it with their first batch;
+    an adapter may instead declare ``probe_inputs()``."""
+    inputs = tuple(x.asnumpy() if isinstance(x, Tensor) else np.asarray(x) for x in inputs)
+    if not inputs:
+        return
+    rows = inputs[0].shape[0] if inputs[0].ndim else None
+    # one row of every input batched like the first (a shared table or a scalar stays whole)
+    probe = tuple(x[:1] if rows is not None and x.ndim and x.shape[0] == rows else x for x in inputs)
+    object.__setattr__(model, _PROBE, probe)
+
+
+def _snapshot(model):
+    """What a surgery may change: every Cell's attributes, parameters and sub-Cells (Parameters that
+    surgery replaces are new objects, so the old ones hold the old values) and the model's config."""
+    cells = []
+    for _, cell in model.cells_and_names():
+        cells.append((cell, dict(cell.__dict__), dict(cell._params), dict(cell._cells)))  # pylint: disable=protected-access
+    config = copy.deepcopy(getattr(model, "config", None))
+    return cells, config
+
+
+def _restore(model, snapshot):
+    cells, config = snapshot
+    for cell, attributes, params, children in cells:
+        cell.__dict__.clear()
+        cell.__dict__.update(attributes)
+        cell._params.clear()  # pylint: disable=protected-access
+        cell._params.update(params)  # pylint: disable=protected-access
+        cell._cells.clear()  # pylint: disable=protected-access
+        cell._cells.update(children)  # pylint: disable=protected-access
+    if config is not None:
+        object.__setattr__(model, "config", config)
+    refresh(model)
+
+
+def _user_frame(err):
+    """The innermost frame of the error outside MindSpore and ms_prune: the model's own line."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if "/mindspore/" not in f.filename and "/ms_prune/" not in f.filename.replace("\\", "/")
+              and not f.filename.endswith("protocol.py")]
+    return frames[-1] if frames else None
+
+
+def verified_surgery(model_adapter, what, change):
+    """Run ``change()`` (a surgery on the adapter's model), then a probe forward in PyNative on the
+    adapter's ``probe_inputs()``; if either fails, put the model back as it was and raise
+    :class:`SurgeryError` naming what ran, the operator's message and the likely cause."""
+    model = model_adapter.model
+    snapshot = _snapshot(model)
+    try:
+        result = change()
+    except Exception:
+        _restore(model, snapshot)
+        raise
+    inputs = model_adapter.probe_inputs()
+    if inputs is None:
+        logger.info("%s: no probe inputs (no batch seen yet and the adapter declares no probe_inputs()): the "
+                    "model was not verified after %s", type(model_adapter).__name__, what)
+        return result
+    training, mode = model.training, ms.get_context("mode")
+    try:
+        ms.set_context(mode=ms.PYNATIVE_MODE)
+        model.set_train(False)
+        model(*[Tensor(x) for x in inputs])
+    except Exception as err:  # the model's own code, whatever it raises
+        _restore(model, snapshot)
+        frame = _user_frame(err)
+        where = f" in {frame.filename}:{frame.lineno} `{frame.line}`" if frame else ""
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SurgeryError(
+            f"{what} changed {type(model).__name__}, but its forward then failed{where}: {type(err).__name__}: "
+            f"{message}. The model is restored to what it was. Likely cause: the model's code computes a shape from "
+            f"a head or neuron count or width it keeps as an attribute (e.g. reshape(B, N, C) with C the original "
+            f"width): declare that attribute in AttentionHeads/FFNUnits(count_attributes={{name: 'heads' | "
+            f"'kv_heads' | 'groups' | 'width' | 'kv_width' | 'neurons'}}), or an after_surgery function, or read it "
+            f"from the input's shape in the model's code") from err
+    finally:
+        ms.set_context(mode=mode)
+        model.set_train(training)
+    return result
 
 
 # --------------------------------------------------------------------------------------------

@@ -213,6 +213,8 @@ class Trainer:
             step_started = time.perf_counter()
             batch = self._next_batch()
             state.batch = batch
+            if state.step == first_step:  # a row of it verifies the model after any surgery
+                protocol.remember_inputs(state.model, batch[:self.num_inputs or -1])
             self.engine.run_event(Event.BATCH_START)
             if state.structure_changed:
                 self._build()

@@ -95,6 +95,14 @@ def _take(owner, batches, num_batches):
     return taken
 
 
+def _remember_probe(model, loss_net, batch):
+    """The model inputs of a scoring batch verify the model after the surgery: the loss net's first
+    ``num_inputs`` items (``ModelLoss``), else all but the last (the labels), as the Trainer takes them."""
+    items = list(batch) if isinstance(batch, (tuple, list)) else [batch]
+    count = getattr(loss_net, "num_inputs", -1)
+    protocol.remember_inputs(model, items[:count] if len(items) > 1 else items)
+
+
 class _EvalMode:
     """Scores and captures without dropout noise; the caller's train/eval flags come back."""
 
@@ -169,6 +177,7 @@ def compute_scores(model, loss_net=None, batches=None, method="fisher", num_batc
     if method in GRADIENT_METHODS:
         check_instance(owner, "loss_net", loss_net, nn.Cell)
         taken = _take(owner, batches, num_batches)
+        _remember_probe(model, loss_net, taken[0])
         heads, neurons = _gradient_scores(model, loss_net, taken, absolute=method == "abs_grad")
         count = len(taken)
     elif method == "magnitude":
@@ -283,6 +292,22 @@ def _units(scores, cost_model):
     return values, costs, table
 
 
+def _equal_groups(keep, scores, attention, allow_empty):
+    """A layer's selection (a bool per head) cut to the best set the surgery can make: the same
+    number of query heads in every kept key/value group, no more heads than selected (so the budget
+    still holds)."""
+    count = int(keep.sum())
+    if attention.num_kv_heads == attention.num_heads or not attention.num_heads:
+        return keep
+    counts = [c for c in protocol.feasible_head_counts(attention.num_heads, attention.num_kv_heads, allow_empty)
+              if c <= count] or [min(protocol.feasible_head_counts(attention.num_heads, attention.num_kv_heads,
+                                                                    allow_empty))]
+    kept = protocol.best_grouped_heads(scores, attention.num_heads, attention.num_kv_heads, max(counts))
+    grouped = np.zeros_like(keep)
+    grouped[kept] = True
+    return grouped
+
+
 def _costs(model, seq_len):
     return {metric: measure(model, metric, seq_len) if metric == "params" or seq_len else None
             for metric in METRICS}
@@ -368,7 +393,9 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
         details["heads_kept"] += forced_heads
 
     attentions, ffns = model_adapter.attentions(), model_adapter.ffns() or []
-    keep_heads = [keep[(table[:, 0] == 0) & (table[:, 2] == layer)] for layer in range(len(attentions))]
+    keep_heads = [_equal_groups(keep[(table[:, 0] == 0) & (table[:, 2] == layer)], scores.heads[layer], attention,
+                                model_adapter.empty_layers_allowed)
+                  for layer, attention in enumerate(attentions)]
     keep_neurons = [keep[(table[:, 0] == 1) & (table[:, 2] == layer)] for layer in range(len(ffns))]
     refit_report = None
     if refit:

@@ -8,8 +8,9 @@ import mindspore as ms
 from ms_prune import protocol
 from ms_prune.engine import Trainer
 from ms_prune.heads import LRP
-from ms_prune.layer_drop import ProgressiveLayerDropping
-from ms_prune.token_drop import RandomLTD
+from ms_prune.layer_drop import ProgressiveLayerDropping, convert_to_pld, pld_noise
+from ms_prune.token_drop import RandomLTD, convert_to_random_ltd
+from ms_prune.training import write_parameter
 
 from .algorithm_settings import lm_batch, lm_loss, tiny_gpt2
 
@@ -64,3 +65,37 @@ def test_the_gate_penalty_does_not_depend_on_which_layers_ran():
     lambda_2 = 0.7
     objective.lambda_2.set_data(ms.Tensor(np.float32(lambda_2)))
     np.testing.assert_allclose(float(lrp.term().asnumpy()), lambda_2 * (expected - target) ** 2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("order", ["ltd_first", "pld_first"])
+def test_composed_wrappers_follow_set_train(order, mode):
+    """The inner wrapper is held by the outer one, not registered: set_train must still reach it,
+    so both act in training and neither in evaluation (random-LTD inside PLD once never dropped a
+    token on a fresh model, and after set_train(True) kept dropping during evaluation)."""
+    ms.set_seed(0)
+    model = tiny_gpt2()
+    ids = ms.Tensor(lm_batch(0)[0])
+    model.set_train(False)
+    reference = model(ids).asnumpy()
+    convert = [lambda: convert_to_random_ltd(model, kept_length=4),
+               lambda: convert_to_pld(model, host_noise=True)]
+    for step in (convert if order == "ltd_first" else convert[::-1]):
+        step()
+    protocol.refresh(model)
+    noise = pld_noise(model)
+    wrappers = [c for _, c in model.cells_and_names() if isinstance(c, protocol.LayerWrapper)]
+    inner = [w.layer for w in wrappers if isinstance(w.layer, protocol.LayerWrapper)]
+    assert len(inner) == 1 and inner[0] not in wrappers  # unregistered: what set_train must reach anyway
+
+    def run(train, keep):
+        write_parameter(noise, np.full(noise.shape, 0.0 if keep else 1.0, np.float32))  # 1.0: every layer drops
+        model.set_train(train)
+        assert all(w.training == train for w in wrappers + inner)
+        return model(ids).asnumpy()
+
+    np.testing.assert_array_equal(run(False, keep=False), reference)  # evaluation: every layer, every token
+    assert not np.allclose(run(True, keep=True), reference, atol=1e-4)  # random-LTD drops tokens
+    dropped = run(True, keep=False)  # PLD skips every layer: the drawn tokens do not matter
+    np.testing.assert_array_equal(dropped, run(True, keep=False))
+    assert not np.allclose(dropped, reference, atol=1e-4)
+    np.testing.assert_array_equal(run(False, keep=False), reference)
