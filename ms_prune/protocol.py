@@ -32,7 +32,9 @@ import warnings
 
 import numpy as np
 import mindspore as ms
-from mindspore import Parameter, Tensor, nn, ops
+from mindspore import Parameter, Tensor, nn
+
+from ms_prune.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +96,6 @@ class LayerCall:
             raise ValueError(f"{owner}: outputs must be None (a tensor) or the tuple's length >= 1, got {outputs!r}")
         self.outputs = outputs
         self.batch_first = bool(batch_first)
-        # local: nothing else in this module imports from ms_prune yet (move it up when it does)
-        from ms_prune.validation import check_int  # pylint: disable=import-outside-toplevel
         if isinstance(per_position, dict):
             entries = per_position.items()
         else:

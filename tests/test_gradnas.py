@@ -14,6 +14,7 @@ from ms_prune.heads import apply_lrp
 from ms_prune.gradnas import GradNAS, apply_gradnas, compute_scores
 from ms_prune.gradnas import masks as gradnas_masks
 from ms_prune.gradnas.gradnas import GradNASScores
+from ms_prune.gradnas.selection import CostModel
 from ms_prune.models.bert import BertConfig, BertForSequenceClassification
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from ms_prune.models.llama import LlamaConfig, LlamaForCausalLM
@@ -227,6 +228,21 @@ def test_llama_grouped_query_heads_meet_the_budget(metric):
             assert len(attention.kept_kv_heads) * attention.head_dim == kv_rows
             groups_removed += 2 - len(attention.kept_kv_heads)
     assert groups_removed  # the per-group cost correction was exercised
+
+
+def test_llama_reachable_floor_is_what_pruning_everything_reaches():
+    """The floor GradNAS reports counts the key/value heads that leave with their last query heads
+    (it once reported 0.799 of FLOPs for SmolLM2 while the same call went down to 0.753)."""
+    ms.set_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=48, intermediate_size=16, num_hidden_layers=2,
+                                         num_attention_heads=6, num_key_value_heads=2))
+    scores = compute_scores(model, method="random")
+    floor = CostModel(model, "flops", SEQ).floor
+    result = apply_gradnas(model, constraints={"flops": floor}, seq_len=SEQ, scores=scores)
+    assert model.heads_per_layer() == [0, 0] and result["after"]["flops"] == floor
+    with pytest.raises(ValueError, match=f"smallest reachable flops is {floor:,}"):
+        apply_gradnas(LlamaForCausalLM(model.config.copy(pruned_heads={})), constraints={"flops": floor - 1},
+                      seq_len=SEQ, scores=scores)
 
 
 def test_llama_fisher_scores_and_refit(mode):

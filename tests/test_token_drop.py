@@ -9,6 +9,7 @@ from ms_prune.engine import AlgorithmCallback, Trainer
 from ms_prune.models.bert import BertConfig, BertModel
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from ms_prune.models.modeling_utils import MASK_VALUE
+from ms_prune.protocol import LayerCall
 from ms_prune.token_drop import (LayerTokenLR, RandomLayerTokenDrop, RandomLTD, RandomLTDScheduler, TokenDraw,
                                  convert_to_random_ltd, forward_flops_with_ltd, kept_attention_bias,
                                  apply_random_ltd, random_ltd_layers, revert_random_ltd, set_learning_rate,
@@ -181,7 +182,8 @@ def test_tuple_outputs_go_back_to_their_places(mode, batch_first):
     hidden = rng.normal(size=(3, S, 6)).astype(np.float32)  # batch 3 != kept 4
     scores = rng.random((3, S))
     kept = 4
-    wrapper = RandomLayerTokenDrop(TupleLayer(), kept_length=kept, batch_first=batch_first)
+    call = LayerCall(outputs=4, per_token_outputs=(1,))  # declared: nothing is guessed from shapes
+    wrapper = RandomLayerTokenDrop(TupleLayer(), kept_length=kept, batch_first=batch_first, call=call)
     wrapper.share_draw(fixed_draw(scores), draws=False)
     wrapper.set_train(True)
     given = hidden if batch_first else hidden.transpose(1, 0, 2)

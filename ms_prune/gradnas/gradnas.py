@@ -319,11 +319,11 @@ def resolve_budget(owner, model, constraints, seq_len):
     metric, amount, fraction = parse_constraints(owner, constraints, seq_len)
     cost_model = CostModel(model, metric, seq_len)
     budget = int(amount) if fraction is None else int(np.floor(fraction * cost_model.current))
-    if budget < cost_model.base:
+    if budget < cost_model.floor:
         raise ValueError(f"{owner}: constraints={constraints!r} asks for {metric} <= {budget:,}, but the smallest "
-                         f"reachable {metric} is {cost_model.base:,} (every head and FFN neuron pruned) and the "
+                         f"reachable {metric} is {cost_model.floor:,} (every head and FFN neuron pruned) and the "
                          f"largest {cost_model.current:,} (nothing pruned): reachable range "
-                         f"[{cost_model.base:,}, {cost_model.current:,}]")
+                         f"[{cost_model.floor:,}, {cost_model.current:,}]")
     return cost_model, budget
 
 
@@ -376,6 +376,8 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
             members = np.flatnonzero(table[:, 1] == group)
             forced[members[np.argmax(values[members])]] = True
     room = budget - cost_model.base - int(costs[forced].sum())
+    if room < 0 and model_adapter.empty_layers_allowed:
+        room = 0  # below base only by emptying layers, whose key/value heads go with them (down to floor)
     if room < 0:
         raise ValueError(f"{owner}: constraints={constraints!r} asks for {metric} <= {budget:,}, but this model keeps "
                          f"at least one head and one FFN neuron per layer (its adapter's empty_layers_allowed is "
@@ -424,7 +426,7 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
         "heads_per_layer": heads_per_layer, "neurons_per_layer": neurons_per_layer,
         "before": before, "after": after,
         "ratios": {m: (after[m] / before[m] if before[m] else None) for m in METRICS},
-        "reachable": [cost_model.base, cost_model.current],
+        "reachable": [cost_model.floor, cost_model.current],
         "unit_costs": {"head": cost_model.head_costs, "neuron": cost_model.neuron_costs}, "score_seconds": scores.seconds,
         "refit": refit_report, "scores": scores,
     }

@@ -106,6 +106,10 @@ class CostModel:
         self.current = measure(model, metric, seq_len)
         self.base = self.current - self.cost_of([a.num_heads for a in attentions],
                                                 [f.num_neurons for f in ffns], with_base=False)
+        # the least the model can cost: a layer that loses every query head loses its key/value
+        # heads too, which ``base`` keeps (the selectors treat them as kept)
+        emptied = [0] * len(self.kv_heads) if model_adapter.empty_layers_allowed else self.kv_heads
+        self.floor = self.cost_of([0] * len(attentions), [0] * len(ffns), kv_heads=emptied)
 
     def cost_of(self, heads, neurons, with_base=True, kv_heads=None):
         units = sum(h * c for h, c in zip(heads, self.head_costs)) + sum(

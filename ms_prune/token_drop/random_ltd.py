@@ -15,6 +15,7 @@ functional form draws them in the graph by default.
 """
 import numbers
 
+import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
@@ -92,6 +93,13 @@ def kept_mask(mask, positions, seq_len):
     return kept.reshape(kept.shape[0], kept.shape[3])
 
 
+def gather_rows(table, positions, position_axis=1):
+    """Per sequence, the rows of a (seq, ...) table (no batch axis: a precomputed rotary table) at
+    ``positions`` (batch, r): (batch, r, ...), or (batch, 1, r, ...) with ``position_axis=2``."""
+    rows = ops.gather(table, positions, 0)
+    return rows.expand_dims(1) if position_axis == 2 else rows
+
+
 def sorted_topk_positions(scores, kept):
     """Positions of the ``kept`` largest scores per row, in increasing order (int32)."""
     positions = ops.topk(scores, kept)[1]
@@ -108,9 +116,11 @@ class TokenDraw(nn.Cell):
     on the host before every step (``write_parameter``; the :class:`RandomLTD` algorithm writes them
     from the run's saved RNG, so a resumed run keeps the tokens the uninterrupted run kept).
 
-    ``scores`` has a static shape: :meth:`use_shape` selects (or creates) the buffer for a batch
-    shape before a graph is compiled; each compiled graph keeps the buffer it was built with.
-    Wrappers whose input shape does not match draw on their own, in the graph.
+    ``scores`` has a static shape: :meth:`use_shape` selects (or creates) the buffer for the hidden
+    states' (batch, seq) before a graph is compiled; each compiled graph keeps the buffer it was
+    built with. A wrapper whose hidden states do not match it draws on its own in the graph, or,
+    with ``host_noise``, raises when its graph is built: silently drawing in the graph would
+    break the exact resume the host-written scores exist for.
 
     Wrappers hold this Cell unregistered, so its buffers are not model parameters: they are not
     trained, counted or saved.
@@ -138,13 +148,14 @@ class RandomLayerTokenDrop(LayerWrapper):
 
     Training (``self.training``) with ``kept_length = r < seq_len``: draws ``r`` sorted random
     positions per sequence, runs the layer on those tokens with the mask among their real
-    positions (``kept_mask``: an additive bias or a 0/1 mask, 2-, 3- or 4-D, or none) and the
+    positions (``kept_mask``: an additive bias or a 0/1 mask, 2-, 3- or 4-D, or none), the
     kept tokens' entries of the ``per_token`` arguments (a RoPE layer's ``position_ids``: the kept
-    tokens keep their real positions), every other argument, positional or keyword, unchanged; then
-    scatters the outputs back: the first output (the hidden states) into the input, other
-    per-token outputs (leading dims equal to the kept tokens') into zeros; outputs that are not per
-    token (an auxiliary loss) pass unchanged. Evaluation, ``kept_length=None``, or ``r >= seq_len``
-    (when ``skip_when_full``): the layer runs on all tokens.
+    tokens keep their real positions) and the kept tokens' rows of the ``per_position`` tables
+    (batched: (batch, r, ...), see ``LayerCall``), every other argument, positional or keyword,
+    unchanged; then scatters the outputs back: the first output (the hidden states) into the
+    input, the declared ``per_token_outputs`` into zeros; every other output (an auxiliary loss)
+    passes unchanged. Evaluation, ``kept_length=None``, or ``r >= seq_len`` (when
+    ``skip_when_full``): the layer runs on all tokens.
 
     Parameter names stay those of the unwrapped model (``LayerWrapper``), so a converted model
     saves and loads its checkpoints as it is. ``batch_first=False`` takes (seq, batch, hidden)
@@ -156,8 +167,12 @@ class RandomLayerTokenDrop(LayerWrapper):
         super().__init__(layer)
         call = check_instance("RandomLayerTokenDrop", "call", call, LayerCall, allow_none=True) or LayerCall()
         self.batch_first = check_bool("RandomLayerTokenDrop", "batch_first", batch_first) and call.batch_first
+        self.layer_call = call
         self.hidden_key, self.mask_key, self.per_token_keys = call.hidden, call.mask, call.per_token
-        self.keyword_keys = tuple(k for k in (call.hidden, call.mask) + call.per_token if isinstance(k, str))
+        self.per_position, self.position_axis = call.per_position, call.position_axis
+        self.per_token_outputs = call.per_token_outputs
+        self.keyword_keys = tuple(k for k in (call.hidden, call.mask) + call.per_token +
+                                  tuple(key for key, _ in call.per_position) if isinstance(k, str))
         self.skip_when_full = check_bool("RandomLayerTokenDrop", "skip_when_full", skip_when_full)
         self.kept_length = None
         self.set_kept_length(kept_length)
@@ -175,6 +190,15 @@ class RandomLayerTokenDrop(LayerWrapper):
         object.__setattr__(self, "token_draw", token_draw)
         self.draws = bool(draws)
 
+    def _check_host_draw(self, batch, seq):
+        draw = self.token_draw
+        if draw is not None and draw.host_noise and draw.scores.shape != (batch, seq):
+            raise ValueError(f"random-LTD: the host wrote token scores of shape {draw.scores.shape} but this layer's "
+                             f"hidden states have (batch, seq) = {(batch, seq)}: the step's token count was "
+                             f"not the hidden states'. Declare it: LayerCall(token_shape=f), "
+                             f"f(*batch) -> (batch_size, seq_len), in the model adapter's layer_call or "
+                             f"RandomLTD(layer_call=...)")
+
     def _positions(self, batch, seq, kept):
         draw = self.token_draw
         if draw is not None and draw.scores.shape == (batch, seq):
@@ -183,7 +207,28 @@ class RandomLayerTokenDrop(LayerWrapper):
             return sorted_topk_positions(draw.scores, kept)
         return sorted_topk_positions(ops.rand(batch, seq), kept)
 
-    def _kept_argument(self, key, value, positions, seq):
+    def _kept_rows(self, key, table, positions, seq):
+        if table.shape[0] < seq:
+            raise ValueError(f"random-LTD: per_position argument {key!r} has shape {table.shape}: a table indexed "
+                             f"by position needs at least seq = {seq} rows on axis 0")
+        return gather_rows(table, positions, self.position_axis)
+
+    def _kept_tables(self, key, value, items, positions, seq):
+        """A per-position argument: a table, or a tuple whose ``items`` (None: every one) are."""
+        if not isinstance(value, (tuple, list)):
+            if items is not None:
+                raise ValueError(f"random-LTD: per_position names items {items} of argument {key!r}, but it is "
+                                 f"not a tuple")
+            return self._kept_rows(key, value, positions, seq)
+        kept = ()
+        for i in range(len(value)):
+            item = value[i]
+            if item is not None and (items is None or i in items):
+                item = self._kept_rows(key, item, positions, seq)
+            kept = kept + (item,)
+        return kept
+
+    def _kept_argument(self, key, value, positions, batch, seq):
         """The layer argument at ``key`` as the kept tokens see it."""
         if value is None:
             return value
@@ -192,7 +237,15 @@ class RandomLayerTokenDrop(LayerWrapper):
         if key == self.mask_key:
             return kept_mask(value, positions, seq)
         if key in self.per_token_keys:
+            leading = (batch, seq) if self.batch_first else (seq, batch)
+            if value.ndim < 2 or value.shape[:2] != leading:
+                raise ValueError(f"random-LTD: per_token argument {key!r} has shape {value.shape}, but per-token "
+                                 f"arguments lead with the hidden states' axes {leading}; a (seq, ...) table "
+                                 f"without a batch axis is declared with LayerCall(per_position=...)")
             return gather_tokens(value, positions, self.batch_first)
+        for entry in self.per_position:
+            if key == entry[0]:
+                return self._kept_tables(key, value, entry[1], positions, seq)
         return value
 
     def construct(self, *args, **kwargs):
@@ -201,24 +254,26 @@ class RandomLayerTokenDrop(LayerWrapper):
         seq = hidden_states.shape[seq_axis]
         if not self.training or self.kept_length is None:
             return self.layer(*args, **kwargs)
+        batch = hidden_states.shape[1 - seq_axis]
+        # also when every token is kept: a wrong host-side count would otherwise pass unnoticed
+        self._check_host_draw(batch, seq)
         if self.kept_length >= seq and self.skip_when_full:
             return self.layer(*args, **kwargs)
         kept = min(self.kept_length, seq)
-        batch = hidden_states.shape[1 - seq_axis]
         positions = self._positions(batch, seq, kept)
         kept_args = ()
         for i in range(len(args)):
-            kept_args = kept_args + (self._kept_argument(i, args[i], positions, seq),)
+            kept_args = kept_args + (self._kept_argument(i, args[i], positions, batch, seq),)
         for key in self.keyword_keys:  # only the declared ones: the others stay as they came
             if key in kwargs:
-                kwargs[key] = self._kept_argument(key, kwargs[key], positions, seq)
+                kwargs[key] = self._kept_argument(key, kwargs[key], positions, batch, seq)
         outputs = self.layer(*kept_args, **kwargs)
         if not isinstance(outputs, (tuple, list)):
             return scatter_tokens(hidden_states, outputs, positions, self.batch_first)
         restored = (scatter_tokens(hidden_states, outputs[0], positions, self.batch_first),)
-        kept_dims = (batch, kept) if self.batch_first else (kept, batch)
-        for output in outputs[1:]:
-            if isinstance(output, Tensor) and output.ndim >= 2 and output.shape[:2] == kept_dims:
+        for i in range(1, len(outputs)):
+            output = outputs[i]
+            if i in self.per_token_outputs:
                 full_shape = output.shape[:seq_axis] + (seq,) + output.shape[seq_axis + 1:]
                 restored = restored + (scatter_tokens(ops.zeros(full_shape, output.dtype), output, positions,
                                                       self.batch_first),)
@@ -270,7 +325,7 @@ def random_ltd_layers(model):
 
 
 def convert_to_random_ltd(model, layer_ids=None, layer_class=None, kept_length=None, batch_first=True,
-                          share_draw=True, host_noise=False):
+                          share_draw=True, host_noise=False, layer_call=None):
     """Wrap layers of ``model`` in :class:`RandomLayerTokenDrop`; returns the wrappers.
 
     ``layer_ids``: indices among the model's layers (declared by the model protocol; or the Cells
@@ -279,7 +334,10 @@ def convert_to_random_ltd(model, layer_ids=None, layer_class=None, kept_length=N
     wrapped layers (else each layer draws its own, as DeepSpeed does). ``host_noise``: the scores
     are not drawn in the graph but written before every step into the :class:`TokenDraw` buffers
     (one shared, or one per wrapper without ``share_draw``; see :func:`token_draws`).
+    ``layer_call``: how the layers are called (a ``LayerCall``), in place of the adapter's
+    ``layer_call`` (or of ``LayerCall()`` for layers found by ``layer_class``).
     """
+    check_instance("convert_to_random_ltd", "layer_call", layer_call, LayerCall, allow_none=True)
     check_bool("convert_to_random_ltd", "share_draw", share_draw)
     check_bool("convert_to_random_ltd", "host_noise", host_noise)
     slots = _layer_slots(model, layer_class)
@@ -298,7 +356,7 @@ def convert_to_random_ltd(model, layer_ids=None, layer_class=None, kept_length=N
     if len(set(layer_ids)) != len(layer_ids) or not layer_ids:
         raise ValueError(f"layer_ids must be distinct and non-empty, got {layer_ids}")
     shared = TokenDraw(host_noise) if share_draw else None
-    call = protocol.adapter(model).layer_call if layer_class is None else LayerCall()
+    call = layer_call or (protocol.adapter(model).layer_call if layer_class is None else LayerCall())
     wrappers = []
     for n, i in enumerate(sorted(int(i) for i in layer_ids)):
         container, key, layer = slots[i]
@@ -361,8 +419,28 @@ def forward_flops_with_ltd(model, seq_len, batch_size=1):
 # --------------------------------------------------------------------------------------------
 # Training
 # --------------------------------------------------------------------------------------------
-def _batch_and_seq(shape, batch_first):
-    return (int(shape[0]), int(shape[1])) if batch_first else (int(shape[1]), int(shape[0]))
+def hidden_token_shape(call, batch, batch_first=True):
+    """(batch_size, seq_len) of the hidden states the layers called as ``call`` (a ``LayerCall``)
+    receive in a training step on ``batch`` (model inputs first, numpy arrays or Tensors): what the
+    step's kept length, token-score buffers and layer-token count are set from, on the host, before
+    the step's graph exists. ``call.token_shape(*batch)`` when declared; otherwise the first input
+    must be (batch, seq) integer token ids ((seq, batch) when not ``batch_first``): the first input
+    of a vision model (images) or of a model that shifts its ids says nothing reliable."""
+    owner = "LayerCall.token_shape"
+    if call.token_shape is not None:
+        shape = call.token_shape(*batch)
+        if not isinstance(shape, (tuple, list)) or len(shape) != 2:
+            raise ValueError(f"{owner} must return (batch_size, seq_len), got {shape!r}")
+        return check_int(owner, "batch_size", shape[0], minimum=1), check_int(owner, "seq_len", shape[1], minimum=1)
+    first = batch[0] if isinstance(batch[0], Tensor) else np.asarray(batch[0])
+    dtype = np.dtype(ms.dtype_to_nptype(first.dtype)) if isinstance(first, Tensor) else first.dtype
+    if first.ndim != 2 or not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"random-LTD: the first model input has shape {tuple(first.shape)} ({dtype}), not 2-D "
+                         f"integer token ids, so how many tokens the layers see cannot be read from it. Declare "
+                         f"it: LayerCall(..., token_shape=f) with f(*batch) -> (batch_size, seq_len), in the model "
+                         f"adapter's layer_call or RandomLTD(layer_call=...)")
+    shape = tuple(int(n) for n in first.shape)
+    return shape if batch_first else shape[::-1]
 
 
 def _prepare_step(wrappers, draws, scheduler, batch, seq, optimizer, lr_schedule):
@@ -386,8 +464,8 @@ class RandomLTDTrainStep:
     a new length compiles exactly once, a length seen before reuses its graph. ``compilations``
     counts graphs actually compiled (from MindSpore's compile records), ``step_keys`` the cache.
     With ``lr_schedule`` (e.g. :class:`LayerTokenLR`) the optimizer's learning rate follows the
-    consumed layer-tokens. ``inputs[0]`` must be (batch, seq) token ids or (batch, seq, ...)
-    (``batch_first``) or (seq, batch, ...).
+    consumed layer-tokens. The hidden states' (batch, seq) come from the inputs as
+    :func:`hidden_token_shape` says (the wrappers' ``LayerCall.token_shape``, or token ids first).
     """
 
     def __init__(self, model, loss_net, optimizer, scheduler, lr_schedule=None, jit=True, max_compilations=None):
@@ -412,7 +490,7 @@ class RandomLTDTrainStep:
         return sorted(self._steps, key=str)
 
     def __call__(self, *inputs):
-        batch, seq = _batch_and_seq(inputs[0].shape, self.batch_first)
+        batch, seq = hidden_token_shape(self.wrappers[0].layer_call, inputs, self.batch_first)
         kept = _prepare_step(self.wrappers, self.draws, self.scheduler, batch, seq, self.optimizer, self.lr_schedule)
         key = (kept, tuple(tuple(x.shape) for x in inputs), bool(self.model.training))
         step = self._steps.get(key)
@@ -438,7 +516,7 @@ def make_random_ltd_train_step(model, loss_net, optimizer, scheduler, lr_schedul
 # The Composer form: functional twin and the algorithm
 # --------------------------------------------------------------------------------------------
 def apply_random_ltd(model, min_value, max_value, require_steps, seq_per_step=16, layer_ids=None,
-                     layer_class=None, batch_first=True, share_draw=True, host_noise=False):
+                     layer_class=None, batch_first=True, share_draw=True, host_noise=False, layer_call=None):
     """Convert ``model`` in place and return ``(wrappers, scheduler)`` with the layer counts filled
     in. Before each training step set ``scheduler.kept_length()`` on the wrappers (or train with
     ``make_random_ltd_train_step``, or the :class:`RandomLTD` algorithm, which do it); scores are
@@ -447,7 +525,7 @@ def apply_random_ltd(model, min_value, max_value, require_steps, seq_per_step=16
         "apply_random_ltd", min_value, max_value, require_steps, seq_per_step)
     total = len(_layer_slots(model, layer_class))
     wrappers = convert_to_random_ltd(model, layer_ids, layer_class, batch_first=batch_first, share_draw=share_draw,
-                                     host_noise=host_noise)
+                                     host_noise=host_noise, layer_call=layer_call)
     scheduler = RandomLTDScheduler(min_value, max_value, require_steps, seq_per_step,
                                    total_layers=total, ltd_layers=len(wrappers))
     return wrappers, scheduler
@@ -465,6 +543,11 @@ class RandomLTD(Algorithm):
     constant float learning rate). AFTER_TRAIN_STEP: the scheduler counts the step. The wrappers stay
     after FIT_END (evaluation runs every token); ``revert_random_ltd(model)`` unwraps.
 
+    The batch's (batch, seq) are the hidden states' (:func:`hidden_token_shape`): a model whose first
+    input is not its token ids declares ``LayerCall(token_shape=...)``, in its adapter or as
+    ``layer_call`` here (which replaces the adapter's declaration, or ``LayerCall()`` for layers
+    found by ``layer_class``).
+
     Not for ``mindspore.train.Model.train`` (``runs_in_model_train = False``): a changing kept
     length needs a new graph, and Model.train compiles one for the whole run.
 
@@ -476,10 +559,11 @@ class RandomLTD(Algorithm):
     runs_in_model_train = False
 
     def __init__(self, min_value, max_value, require_steps, seq_per_step=16, layer_ids=None, layer_class=None,
-                 batch_first=True, share_draw=True, lr_schedule=None):
+                 batch_first=True, share_draw=True, lr_schedule=None, layer_call=None):
         owner = self.name
         check_schedule(owner, min_value, max_value, require_steps, seq_per_step)
         check_instance(owner, "layer_class", layer_class, (type, str), allow_none=True)
+        check_instance(owner, "layer_call", layer_call, LayerCall, allow_none=True)
         if layer_ids is not None:  # their upper bound needs the model: checked again at conversion
             ids = [layer_ids] if isinstance(layer_ids, numbers.Integral) else layer_ids
             if not isinstance(ids, (list, tuple, range)):
@@ -493,7 +577,7 @@ class RandomLTD(Algorithm):
         self.kwargs = dict(min_value=min_value, max_value=max_value, require_steps=require_steps,
                            seq_per_step=seq_per_step, layer_ids=layer_ids, layer_class=layer_class,
                            batch_first=check_bool(owner, "batch_first", batch_first),
-                           share_draw=check_bool(owner, "share_draw", share_draw))
+                           share_draw=check_bool(owner, "share_draw", share_draw), layer_call=layer_call)
         self.lr_schedule = lr_schedule
         self.model = self.scheduler = None
         self.wrappers, self.draws = [], []
@@ -519,7 +603,8 @@ class RandomLTD(Algorithm):
         if event == Event.INIT:
             self._convert(state.model, host_noise=True)
         elif event == Event.BATCH_START:
-            self._shape = _batch_and_seq(state.batch[0].shape, self.kwargs["batch_first"])
+            first = self.wrappers[0]
+            self._shape = hidden_token_shape(first.layer_call, state.batch, first.batch_first)
             self._kept = _prepare_step(self.wrappers, self.draws, self.scheduler, *self._shape, state.optimizer,
                                        self.lr_schedule)
             for draw in self.draws:
