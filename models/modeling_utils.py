@@ -16,10 +16,10 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 from mindspore.common.initializer import Normal, initializer
 
+from ms_prune import cost
 from ms_prune.fileio import atomic_write
-from ms_prune.protocol import (AttentionHeads, LayerCall, LayerWrapper, TransformerAdapter, attention_flops,
-                               checked_units, head_positions, refresh, resolve_path, slice_heads, slice_projection,
-                               unit_columns)
+from ms_prune.protocol import (AttentionHeads, LayerCall, TransformerAdapter, checked_units, head_positions, refresh,
+                               resolve_path, slice_heads, slice_projection)
 
 logger = logging.getLogger(__name__)
 
@@ -307,13 +307,6 @@ class HeadPrunableAttention(nn.Cell):
         """This attention's ``AttentionHeads`` declaration."""
         raise NotImplementedError
 
-    def head_columns(self, positions):
-        """Feature indices (within one projection of width heads*head_dim) of heads at positions."""
-        return unit_columns(positions, self.head_dim)
-
-    def attention_flops(self, seq_len):
-        """Scores (QK^T) and context (PV) matmuls for one sequence."""
-        return attention_flops(self.num_heads, self.head_dim, seq_len)
 
 
 class NeuronPrunableFFN(nn.Cell):
@@ -733,14 +726,19 @@ class PreTrainedCell(nn.Cell):
 
     def forward_flops(self, seq_len, batch_size=1):
         """Multiply-adds x 2 of one forward pass, from the structure (after pruning): every
-        projection on every token, plus the attention matmuls; elementwise work is ignored."""
+        projection on every token, plus the attention matmuls; elementwise work is ignored
+        (``ms_prune.cost``, where every count of ms_prune comes from)."""
+        return cost.forward_flops(self, seq_len, batch_size)
+
+    def flops_outside_layers(self, seq_len, batch_size=1):
+        """The projections outside the transformer layers (pooler, classifier once per sequence, an
+        LM head on every token) and what ``_extra_flops`` adds (a tied LM head's matmul)."""
+        inside = {id(c) for layer in self.transformer_layers() for _, c in layer.cells_and_names()}
         flops = 0
         for name, cell in self.cells_and_names():
-            if isinstance(cell, (Linear, Conv1D)):
+            if isinstance(cell, (Linear, Conv1D)) and id(cell) not in inside:
                 tokens = seq_len * batch_size if self._is_per_token(name) else batch_size
-                flops += 2 * cell.in_features * cell.out_features * tokens
-            elif isinstance(cell, HeadPrunableAttention):
-                flops += cell.attention_flops(seq_len) * batch_size
+                flops += 2 * int(np.prod(cell.weight.shape)) * tokens
         return flops + self._extra_flops(seq_len) * batch_size
 
     def _is_per_token(self, cell_name):
@@ -784,8 +782,5 @@ class PreTrainedAdapter(TransformerAdapter):
     def _prune_ffn_neurons(self, neurons_to_prune):
         return self.model.prune_ffn_neurons(neurons_to_prune)
 
-    def num_parameters(self):
-        return self.model.num_parameters()
-
-    def forward_flops(self, seq_len, batch_size=1):
-        return self.model.forward_flops(seq_len, batch_size)
+    def extra_flops(self, seq_len, batch_size=1):
+        return self.model.flops_outside_layers(seq_len, batch_size)

@@ -419,25 +419,19 @@ class TransformerAdapter:
         refresh(self.model)
         return self.model
 
-    # ---- counting -------------------------------------------------------------------------------
+    # ---- counting (``ms_prune.cost``, the one place every count comes from) -----------------
+    def extra_flops(self, seq_len, batch_size=1):
+        """FLOPs outside the transformer layers (an LM head on every token, a classifier once per
+        sequence): 0 unless the adapter declares them."""
+        return 0
+
     def num_parameters(self):
-        return int(sum(int(np.prod(p.shape)) for p in self.model.get_parameters()))
+        from ms_prune import cost  # pylint: disable=import-outside-toplevel  (cost reads this module)
+        return cost.num_parameters(self.model)
 
     def forward_flops(self, seq_len, batch_size=1):
-        """Multiply-adds x 2 of the transformer layers' projections (every 2-D weight) on every
-        token, plus the attention matmuls; embeddings and heads outside the layers are not counted."""
-        flops = 0
-        for i, layer in enumerate(self.layers()):
-            flops += projection_flops(layer, seq_len * batch_size)
-            attention = self.attention(i)
-            flops += attention_flops(attention.num_heads, attention.head_dim, seq_len) * batch_size
-        return flops
-
-
-def projection_flops(cell, tokens):
-    """2 x in x out per token of every 2-D weight below ``cell`` (the projections)."""
-    return sum(2 * int(np.prod(p.shape)) * tokens for _, p in cell.parameters_and_names()
-               if len(p.shape) == 2 and p.requires_grad)
+        from ms_prune import cost  # pylint: disable=import-outside-toplevel
+        return cost.forward_flops(self.model, seq_len, batch_size)
 
 
 def attention_flops(num_heads, head_dim, seq_len):
@@ -490,9 +484,15 @@ def _units_of(model, kind):
     if kind not in SLOTS:
         raise ValueError(f"unit kind must be one of {sorted(SLOTS)}, got {kind!r}")
     model_adapter = adapter(model)
+    what = "attention" if kind == "head" else "ffn"
+    try:
+        units = model_adapter.attentions() if kind == "head" else model_adapter.ffns()
+    except (AttributeError, TypeError) as err:  # a path or an argument the model does not have
+        raise ValueError(f"{type(model_adapter).__name__}.{what}(layer) is not a valid declaration for "
+                         f"{type(model).__name__}: {err}") from None
     if kind == "head":
-        return model_adapter.attentions()
-    ffns = model_adapter.ffns()
+        return units
+    ffns = units
     if ffns is None:
         raise ValueError(f"{type(model).__name__} declares no prunable FFN neurons (its adapter has no ffn(layer))")
     return ffns
@@ -543,6 +543,96 @@ def detach_gates(model, kind):
             removed += 1
     refresh(model)
     return removed
+
+
+# --------------------------------------------------------------------------------------------
+# Generic surgery
+# --------------------------------------------------------------------------------------------
+def head_groups(num_heads, num_kv_heads):
+    """Query-head positions per key/value head: grouped-query attention reads key/value head
+    p // (num_heads / num_kv_heads) for query head p. Equal groups are what standard attention code
+    (ours, transformers', every runtime) assumes, so the surgery keeps them equal."""
+    if num_heads == 0:
+        return []
+    if not num_kv_heads or num_heads % num_kv_heads:
+        raise ValueError(f"{num_heads} query heads cannot be split into {num_kv_heads} equal key/value groups")
+    size = num_heads // num_kv_heads
+    return [list(range(g * size, (g + 1) * size)) for g in range(num_kv_heads)]
+
+
+def feasible_head_counts(num_heads, num_kv_heads, allow_empty=True):
+    """The numbers of query heads a layer can keep with equal groups: m groups of k heads each."""
+    groups = head_groups(num_heads, num_kv_heads)
+    size = len(groups[0]) if groups else 0
+    counts = {m * k for m in range(1, len(groups) + 1) for k in range(1, size + 1)}
+    return sorted(counts | ({0} if allow_empty or not num_heads else set()))
+
+
+def best_grouped_heads(scores, num_heads, num_kv_heads, count):
+    """The ``count`` head positions with the largest total score among the sets that keep the same
+    number of query heads in every kept key/value group (whole groups go first when that scores
+    better); None when no such set has ``count`` heads. Ties go to the lower position."""
+    scores = np.asarray(scores, np.float64)
+    if count == 0:
+        return []
+    groups = head_groups(num_heads, num_kv_heads)
+    best, best_value = None, -np.inf
+    for m in range(1, len(groups) + 1):
+        if count % m or count // m > len(groups[0]):
+            continue
+        k = count // m
+        # each group's k best heads, then the m groups whose k best sum highest
+        tops = [sorted(g, key=lambda p: (-scores[p], p))[:k] for g in groups]
+        ranked = sorted(range(len(groups)), key=lambda g: (-scores[tops[g]].sum(), g))[:m]
+        value = sum(scores[tops[g]].sum() for g in ranked)
+        if value > best_value:
+            best, best_value = sorted(p for g in ranked for p in tops[g]), value
+    return best
+
+
+def select_grouped_heads(scores, attentions, total, allow_empty):
+    """Per layer, the head positions to keep: ``total`` heads over all layers (or the most that fit
+    below it when equal groups make ``total`` unreachable) with the largest total score, each layer
+    keeping equal key/value groups, and at least one head unless ``allow_empty``. ``scores``: per
+    layer, one score per current head; ``attentions``: the layers' :class:`AttentionHeads`.
+
+    A dynamic programme over layers and kept counts: exact for any per-layer group structure."""
+    options = []
+    for layer_scores, attention in zip(scores, attentions):
+        counts = feasible_head_counts(attention.num_heads, attention.num_kv_heads, allow_empty)
+        layer_options = {}
+        for c in counts:
+            kept = best_grouped_heads(layer_scores, attention.num_heads, attention.num_kv_heads, c)
+            layer_options[c] = (float(np.sum(np.asarray(layer_scores, np.float64)[kept])) if kept else 0.0, kept)
+        options.append(layer_options)
+    # value[t]: the best total score of the layers so far keeping t heads; picks[l][t]: the option
+    # layer l took for it (back-pointers: a decision runs after every training step)
+    top = min(int(total), sum(max(o) for o in options))
+    value = np.full(top + 1, -np.inf)
+    value[0] = 0.0
+    picks = []
+    for layer_options in options:
+        best, pick = np.full(top + 1, -np.inf), np.full(top + 1, -1)
+        for c, (gain, _) in layer_options.items():
+            if c > top:
+                continue
+            candidate = np.full(top + 1, -np.inf)
+            candidate[c:] = value[:top + 1 - c] + gain
+            better = candidate > best
+            best[better], pick[better] = candidate[better], c
+        picks.append(pick)
+        value = best
+    reachable = np.flatnonzero(np.isfinite(value))
+    if not len(reachable):
+        minimum = sum(min(o) for o in options)
+        raise ValueError(f"no head selection keeps equal key/value groups with at most {total} heads: the layers "
+                         f"need at least {minimum}{'' if allow_empty else ' (none may be emptied)'}")
+    kept, t = [], int(reachable.max())
+    for layer in reversed(range(len(options))):
+        c = int(picks[layer][t])
+        kept.append(options[layer][c][1])
+        t -= c
+    return kept[::-1]
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from lrp_bert_sst2 import release_graph_memory  # noqa: E402
 from lrp_gpt_shakespeare import train  # noqa: E402
+from ms_prune import cost  # noqa: E402
 from ms_prune.benchmarking import compare_latency  # noqa: E402
 from ms_prune.data import data_path, lm_batch_fn, read_wikitext2  # noqa: E402
 from ms_prune.engine.trainer import ModelLoss  # noqa: E402
@@ -86,14 +87,8 @@ def calibration_text(name):
 
 def attention_flops(model, seq_len):
     """FLOPs of one ``seq_len``-token sequence spent in the attention layers (their projections and
-    score/context matmuls), counted as ``forward_flops`` counts them."""
-    from ms_prune.models.modeling_utils import Linear
-    total = 0
-    for attention in model.attention_layers():
-        projections = [c for _, c in attention.cells_and_names() if isinstance(c, Linear)]
-        total += attention.attention_flops(seq_len) + sum(2 * c.in_features * c.out_features * seq_len
-                                                          for c in projections)
-    return total
+    score/context matmuls), counted as ``forward_flops`` counts them (``ms_prune.cost``)."""
+    return sum(cost.layer_flops(attention, attention.heads(), seq_len) for attention in model.attention_layers())
 
 
 def measure(model, ppl, seq_len):

@@ -147,3 +147,13 @@ def test_keep_and_close():
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ConcreteGate(**kwargs)
+
+
+def test_gate_values_under_a_decision_not_written():
+    gate = ConcreteGate(3)
+    gate.set_log_a([4.0, 0.3, -5.0])
+    written = gate.gate_values()
+    np.testing.assert_array_equal(gate.gate_values([0]), [written[0], 0.0, 0.0])
+    np.testing.assert_array_equal(gate.gate_values(), written)  # nothing was written
+    gate.write_decision([0])
+    np.testing.assert_array_equal(gate.gate_values(), gate.gate_values([0]))

@@ -14,7 +14,7 @@ from ms_prune.heads import apply_lrp
 from ms_prune.gradnas import GradNAS, apply_gradnas, compute_scores
 from ms_prune.gradnas import masks as gradnas_masks
 from ms_prune.gradnas.gradnas import GradNASScores
-from ms_prune.gradnas.selection import CostModel
+from ms_prune.cost import CostModel
 from ms_prune.models.bert import BertConfig, BertForSequenceClassification
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from ms_prune.models.llama import LlamaConfig, LlamaForCausalLM

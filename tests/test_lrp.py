@@ -233,7 +233,7 @@ def test_penalty_normalization_scales_with_model_size():
     (dict(target_heads=4, target_fraction=0.5), ValueError, "not both"),
     (dict(target_heads=0), ValueError, "target_heads"),
     (dict(target_heads=9), ValueError, "1..8"),
-    (dict(target_heads=2.0), ValueError, "target_heads"),
+    (dict(target_heads=2.0), TypeError, "target_heads must be an int"),
     (dict(target_fraction=1.5), ValueError, "target_fraction"),
     (dict(penalty_normalization="layers"), ValueError, "penalty_normalization"),
     (dict(l0_penalty=-0.1), ValueError, "l0_penalty"),
@@ -255,3 +255,125 @@ def test_wrong_models_and_ungated_prune():
         pruner.prune_model(bert_toy())
     with pytest.raises(ValueError, match="gate_lr"):
         pruner.parameter_groups(pruner.decorate_model(), lr=1e-3, gate_lr=0.0)
+
+
+def toy_data(step):
+    ids = np.random.default_rng(step).integers(0, 40, (8, 10)).astype(np.int32)
+    return ids, np.ones_like(ids), (ids[:, 3] % 3).astype(np.int32)
+
+
+# gate_lr 0.3 under AdamW moves log_a about 1 per step from 3.66 (gate exactly 1): after 3 steps
+# the gates are open but not saturated, where a threshold and a top-k ranking disagree.
+@pytest.mark.parametrize("kwargs", [dict(target_heads=3, warmup_steps=2), dict(l0_penalty=2.0)])
+def test_pruner_through_the_engine_agrees_before_the_gates_saturate(kwargs, mode):
+    ms.set_seed(0)
+    model = bert_toy()
+    pruner = HeadPrunerBertLRP(model, **kwargs)
+    gated = pruner.decorate_model()
+    from ms_prune.engine import Trainer
+    Trainer(gated, ce, toy_data, max_steps=3, lr=1e-3, algorithms=[pruner.algorithm(gated, gate_lr=0.3)],
+            log_interval=0).fit()
+    gates = np.concatenate([g.raw_gate_values() for g in protocol.gates_of(gated, "head")])
+    assert np.any((gates > 0.01) & (gates < 0.99)), f"the gates saturated; the test needs open questions: {gates}"
+    summary = pruner.gate_summary(gated)
+    gated.set_train(False)
+    inputs = [Tensor(b) for b in toy_data(99)[:2]]
+    want = first(gated(*inputs))
+    pruned = pruner.prune_model(gated)
+    assert summary["open"] == sum(pruned.heads_per_layer())
+    assert summary["open_per_layer"] == pruned.heads_per_layer()
+    if "target_heads" in kwargs:
+        assert summary["open"] == 3
+    pruned.set_train(False)
+    np.testing.assert_allclose(first(pruned(*inputs)), want, rtol=1e-5, atol=1e-5)
+
+
+class FailingSurgery(Exception):
+    pass
+
+
+def test_a_failed_surgery_changes_nothing(monkeypatch):
+    set_context("graph")
+    ms.set_seed(0)
+    # the engine-free form: gates in place, surgery fails -> the same gates are back, decision kept
+    model = bert_toy()
+    gates = apply_lrp(model)
+    gates[0].set_log_a([3.0, -3.0, 0.4, 2.0])
+    from ms_prune.heads.algorithm import prune_lrp, write_lrp_decision
+    write_lrp_decision(model, target_heads=5)
+    model.set_train(False)
+    inputs = [Tensor(b) for b in toy_data(7)[:2]]
+    before = model(*inputs).asnumpy()
+    names = sorted(n for n, _ in model.parameters_and_names())
+    masks = [g.keep_mask.asnumpy().copy() for g in gates]
+    model_adapter_class = type(protocol.adapter(model))
+
+    def fail(self, plan):
+        raise FailingSurgery("the surgery failed")
+
+    monkeypatch.setattr(model_adapter_class, "prune_heads", fail)
+    with pytest.raises(FailingSurgery):
+        prune_lrp(model, target_heads=5)
+    assert [a is b for a, b in zip(protocol.gates_of(model, "head"), gates)] == [True, True]
+    assert sorted(n for n, _ in model.parameters_and_names()) == names
+    assert all(np.array_equal(g.keep_mask.asnumpy(), m) for g, m in zip(gates, masks))
+    np.testing.assert_array_equal(model(*inputs).asnumpy(), before)
+
+    # the pruner: the original keeps its own tensors, and the gated copy can still be pruned
+    original = bert_toy()
+    pruner = HeadPrunerBertLRP(original, target_heads=5)
+    gated = pruner.decorate_model()
+    for gate in protocol.gates_of(gated, "head"):
+        gate.set_log_a(np.random.default_rng(1).normal(0.0, 1.5, gate.num_heads))
+    weights = {n: p.asnumpy().copy() for n, p in gated.parameters_and_names() if ".head_gate." not in n}
+    for n, p in gated.parameters_and_names():  # the copy trained: its weights differ from the original's
+        if n in weights:
+            p.set_data(Tensor(weights[n] + 0.01))
+    kept = {n: p.asnumpy().copy() for n, p in original.parameters_and_names()}
+    with pytest.raises(FailingSurgery):
+        pruner.prune_model(gated)
+    for n, p in original.parameters_and_names():
+        np.testing.assert_array_equal(p.asnumpy(), kept[n])
+    monkeypatch.undo()
+    gated.set_train(False)
+    want = first(gated(*inputs))
+    original.set_train(False)
+    np.testing.assert_allclose(first(pruner.prune_model(gated)(*inputs)), want, rtol=1e-5, atol=1e-5)
+    assert sum(original.heads_per_layer()) == 5
+
+
+def test_lrp_refuses_gradnas_masks_naming_how_to_remove_them():
+    from ms_prune.engine import Trainer
+    from ms_prune.gradnas.masks import attach_masks
+    from ms_prune.heads import LRP
+    model = bert_toy()
+    attach_masks(model)
+    with pytest.raises(ValueError, match=r"UnitMask.*GradNAS.*ms_prune\.gradnas\.masks\.detach"):
+        apply_lrp(model)
+    with pytest.raises(ValueError, match=r"^LRP: .*GradNAS"):
+        Trainer(model, ce, toy_data, max_steps=1, algorithms=[LRP(target_heads=3)])
+    plain = bert_toy()
+    apply_lrp(plain)
+    with pytest.raises(ValueError, match=r"already has LRP gates.*remove_lrp"):
+        apply_lrp(plain)
+
+
+def test_pruner_training_resumes_to_the_same_loss(tmp_path):
+    from ms_prune.engine import Trainer
+    set_context("graph")
+
+    def run(steps, checkpoint_dir, resume_from=None):
+        ms.set_seed(0)
+        pruner = HeadPrunerBertLRP(bert_toy(), target_heads=3, warmup_steps=2)
+        gated = pruner.decorate_model()
+        trainer = Trainer(gated, ce, toy_data, max_steps=steps, lr=1e-3, algorithms=[pruner.algorithm(gated, 0.3)],
+                          checkpoint_dir=str(checkpoint_dir), checkpoint_interval=2, resume_from=resume_from,
+                          log_interval=0)
+        return trainer.fit(), pruner, gated
+
+    full, pruner, gated = run(3, tmp_path / "full")
+    run(2, tmp_path / "cut")
+    resumed, resumed_pruner, resumed_gated = run(3, tmp_path / "cut", resume_from="latest")
+    assert resumed[-1]["step"] == 3
+    np.testing.assert_allclose(resumed[-1]["loss"], full[-1]["loss"], rtol=1e-6)
+    assert resumed_pruner.gate_summary(resumed_gated) == pruner.gate_summary(gated)

@@ -93,3 +93,76 @@ def test_a_target_above_the_model_heads_is_refused_at_init():
     model = BertForSequenceClassification(BertConfig(**CONFIG))
     with pytest.raises(ValueError, match="at most the model's 8 heads"):
         Trainer(model, classification_loss, data, max_steps=1, algorithms=[LRP(target_heads=9)])
+
+
+def test_model_train_callback_refuses_prune_at_step_when_built():
+    from ms_prune.engine import AlgorithmCallback
+    model = BertForSequenceClassification(BertConfig(**CONFIG))
+    with pytest.raises(ValueError, match=r"LRP: prune_at_step=2 removes heads in the middle of the run.*Trainer"):
+        AlgorithmCallback(model, [LRP(target_heads=3, prune_at_step=2)])
+    assert protocol.gates_of(model, "head") == [None, None]  # refused before any gate went on
+    AlgorithmCallback(model, [LRP(target_heads=3)])  # pruning after Model.train ends is fine
+
+
+class Heads:
+    """What ``decide_heads`` reads of a layer's ``protocol.AttentionHeads``."""
+
+    def __init__(self, num_heads, num_kv_heads):
+        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
+
+
+def equal_groups(kept, num_heads, num_kv_heads):
+    size = num_heads // num_kv_heads
+    counts = [len([p for p in kept if p // size == g]) for g in range(num_kv_heads)]
+    return len({c for c in counts if c}) <= 1
+
+
+def best_by_enumeration(log_as, heads, total, allow_empty):
+    """The best total log_a over every per-layer subset with equal groups (exhaustive)."""
+    import itertools
+    per_layer = []
+    for log_a, h in zip(log_as, heads):
+        subsets = [s for r in range(h.num_heads + 1) for s in itertools.combinations(range(h.num_heads), r)
+                   if equal_groups(s, h.num_heads, h.num_kv_heads) and (allow_empty or s)]
+        per_layer.append(subsets)
+    best = -np.inf
+    for choice in itertools.product(*per_layer):
+        if sum(len(s) for s in choice) == total:
+            best = max(best, sum(log_a[list(s)].sum() for log_a, s in zip(log_as, choice)))
+    return best
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("allow_empty", [False, True])
+def test_grouped_decision_is_the_best_with_equal_groups(seed, allow_empty):
+    from ms_prune.heads import ConcreteGate, decide_heads
+    heads = [Heads(4, 2), Heads(6, 3), Heads(4, 4)]
+    rng = np.random.default_rng(seed)
+    gates = [ConcreteGate(h.num_heads) for h in heads]
+    for gate in gates:
+        gate.set_log_a(rng.normal(0.0, 2.0, gate.num_heads))
+    log_as = [g.log_a.asnumpy().astype(np.float64) for g in gates]
+    for target in (3, 5, 9):
+        keep = decide_heads(gates, heads, target, allow_empty=allow_empty)
+        assert sum(len(k) for k in keep) == target
+        assert all(equal_groups(k, h.num_heads, h.num_kv_heads) and (allow_empty or k) for k, h in zip(keep, heads))
+        np.testing.assert_allclose(sum(a[k].sum() for a, k in zip(log_as, keep)),
+                                   best_by_enumeration(log_as, heads, target, allow_empty), rtol=1e-9)
+
+
+def test_threshold_decision_on_grouped_heads_keeps_open_heads_in_equal_groups():
+    from ms_prune.heads import ConcreteGate, decide_heads
+    gate = ConcreteGate(6)  # 3 key/value groups of 2: [0, 1], [2, 3], [4, 5]
+    gate.set_log_a([3.0, 2.0, 1.0, -5.0, -5.0, -5.0])  # heads 0, 1, 2 open
+    # 3 open heads: one per group would need a closed head from group 3, so the largest equal set of
+    # open heads is 2: a whole group (3 + 2) beats one head in each of two groups (3 + 1)
+    assert decide_heads([gate], [Heads(6, 3)]) == [[0, 1]]
+    gate.set_log_a([3.0, -5.0, 2.5, 1.0, -5.0, -5.0])  # heads 0, 2, 3 open: [0] + [2] beats [2, 3]
+    assert decide_heads([gate], [Heads(6, 3)]) == [[0, 2]]
+    gate.set_log_a([-5.0, -4.0, -6.0, -5.0, -5.0, -5.0])  # all closed: empty, or the best single head
+    assert decide_heads([gate], [Heads(6, 3)], allow_empty=True) == [[]]
+    assert decide_heads([gate], [Heads(6, 3)], allow_empty=False) == [[1]]
+    # plain multi-head attention: exactly the open heads
+    assert decide_heads([gate], [Heads(6, 6)], allow_empty=True) == [[]]
+    gate.set_log_a([3.0, -5.0, 2.5, 1.0, -5.0, -0.5])  # -0.5: formula value 0.35, closed
+    assert decide_heads([gate], [Heads(6, 6)]) == [[0, 2, 3]]

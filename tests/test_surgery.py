@@ -197,7 +197,7 @@ def test_declarations_are_checked_when_an_algorithm_is_applied():
             return heads
 
     for adapter_class, match in ((WrongWidth, r"'q_proj' has 32 output features, but num_heads x head_dim = 24"),
-                                 (WrongPath, "QwenAdapter.attention\\(0\\)|WrongPath.attention\\(0\\).*out_proj"),
+                                 (WrongPath, r"WrongPath.attention\(.*\) is not a valid declaration.*out_proj"),
                                  (Indivisible, "num_kv_heads 3 does not divide num_heads 4")):
         model = qwen()
         with warnings.catch_warnings():

@@ -29,11 +29,14 @@ class AlgorithmCallback(Callback):
         super().__init__()
         refused = [a for a in algorithms if not a.runs_in_model_train]
         if refused:
+            # refused before INIT, so the model is left untouched; an algorithm may say why (LRP: its
+            # prune_at_step), else the general reason
+            general = "needs a new graph during training (e.g. a changing kept length)"
+            reasons = "; ".join(f"{a.name}: {getattr(a, 'model_train_refusal', None) or general}" for a in refused)
             raise ValueError(
                 f"AlgorithmCallback: {[a.name for a in refused]} cannot run under mindspore Model.train, which "
-                f"compiles one graph for the whole run, while these need a new graph during training "
-                f"(e.g. a changing kept length). Train with ms_prune.engine.Trainer, which keeps one compiled "
-                f"step per graph key.")
+                f"compiles one graph for the whole run ({reasons}). Train with ms_prune.engine.Trainer, which "
+                f"keeps one compiled step per graph key.")
         self.state = State(model, algorithms, seed=seed)
         self.engine = Engine(self.state)
         self.engine.run_event(Event.INIT)

@@ -13,11 +13,12 @@ import numpy as np
 from mindspore import Tensor, nn
 
 from ms_prune import protocol
+from ms_prune.cost import CostModel, kv_heads_per_layer, measure
 from ms_prune.fileio import atomic_write
 from ms_prune.validation import check_bool, check_choice, check_instance, check_int, check_number
 
 from . import masks as _masks
-from .selection import CostModel, METRICS, kv_heads_per_layer, measure, parse_constraints, select
+from .selection import METRICS, parse_constraints, select
 
 METHODS = ("fisher", "abs_grad", "magnitude", "random")
 GRADIENT_METHODS = ("fisher", "abs_grad")
@@ -418,7 +419,7 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
     predicted = cost_model.cost_of(heads_per_layer, neurons_per_layer, kv_heads=kv_heads_per_layer(model))
     if after[metric] != predicted:
         raise RuntimeError(f"{owner}: the model's {metric} after pruning is {after[metric]:,}, the cost model "
-                           f"predicted {predicted:,}: its structure is not what selection.CostModel assumes")
+                           f"predicted {predicted:,}: its structure is not what ms_prune.cost.CostModel assumes")
     result = {
         "selector": selector, "method": scores.method, "metric": metric, "seq_len": seq_len,
         "budget": budget, "constraint": {metric: constraints[metric]},

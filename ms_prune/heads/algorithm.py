@@ -1,13 +1,16 @@
 """LRP as an engine algorithm: gates on the model itself (no copy), trained with the model, then
-the closed heads removed in place; recovery is simply training on after the pruning step."""
+the dropped heads removed in place; recovery is simply training on after the pruning step. Bound
+to a pruner (``AbstractHeadPrunerLRP.algorithm``), the same algorithm trains the pruner's gated
+copy and leaves the pruning to ``prune_model``."""
 from ms_prune import protocol
 from ms_prune.engine import Algorithm, Event
-from ms_prune.validation import check_choice, check_int, check_number
+from ms_prune.validation import check_choice, check_instance, check_int, check_number
 
 from .concrete_gate import CLOSED_THRESHOLD, ConcreteGate, check_gate_args
-from .lrp import GateObjective, LRPObjective, PENALTY_NORMALIZATIONS, decide_heads, fold_gate_values
+from .lrp import (PENALTY_NORMALIZATIONS, AbstractHeadPrunerLRP, lrp_summary, prune_to_decision, refuse_other_gates,
+                  removed_heads, resolve_target, write_lrp_decision)
 
-__all__ = ["LRP", "apply_lrp", "prune_lrp", "remove_lrp"]
+__all__ = ["LRP", "apply_lrp", "prune_lrp", "remove_lrp", "write_lrp_decision"]
 
 
 def _gates(model):
@@ -20,39 +23,32 @@ def apply_lrp(model, l0_penalty=1.0, host_noise=False, **gate_kwargs):
     for a layer without heads). The model's outputs stay what they were (the penalty is read from
     the gates, see ``GateObjective``); with the gates fully open (their start) the model computes
     exactly what it computed before. ``gate_kwargs`` go to ``ConcreteGate`` (temperature,
-    stretch_limits, eps, threshold, init_log_a)."""
+    stretch_limits, eps, threshold, init_log_a). A model already carrying LRP gates or GradNAS
+    masks is refused, naming how to remove them."""
+    refuse_other_gates("apply_lrp", model)
     return protocol.attach_gates(model, "head", lambda _, heads: ConcreteGate(
         heads.num_heads, l0_penalty=l0_penalty, host_noise=host_noise, **gate_kwargs))
 
 
-def write_lrp_decision(model, target_heads=None):
-    """Decide which heads stay (``decide_heads``) and make evaluation follow it; returns the
-    kept positions per layer."""
-    gates = _gates(model)
-    keep = decide_heads(gates, target_heads, keep_one=not protocol.adapter(model).empty_layers_allowed)
-    for gate, kept in zip(gates, keep):
-        if gate is not None:
-            gate.write_decision(kept)
-    return keep
-
-
 def prune_lrp(model, target_heads=None):
-    """Remove the heads the gates drop, fold the kept gates' evaluation values into the output
-    projections and remove the gates: in evaluation the result computes what the gated model
-    computed. Returns ``{layer: [original head numbers removed]}``."""
+    """Remove the heads the gates drop (``write_lrp_decision``), fold the kept gates' evaluation
+    values into the output projections and remove the gates: in evaluation the result computes what
+    the gated model computed. Returns ``{layer: [original head numbers removed]}``.
+
+    The decision is checked against what the surgery can make before anything changes; if the
+    surgery still fails, the same gates are put back (the surgery restores the model's weights), so
+    the learned decision is not lost, and the error is raised."""
     keep = write_lrp_decision(model, target_heads)
-    model_adapter = protocol.adapter(model)
-    removed = {}
-    for layer, (attention, gate, kept) in enumerate(zip(model_adapter.attentions(), _gates(model), keep)):
-        if gate is None:
-            continue
-        fold_gate_values(attention, kept, gate.gate_values())
-        dropped = [attention.kept[p] for p in range(attention.num_heads) if p not in kept]
-        if dropped:
-            removed[layer] = dropped
+    gates = _gates(model)
+    values = [g.gate_values() if g is not None else None for g in gates]
+    plan = removed_heads(model, keep)
     protocol.detach_gates(model, "head")
-    model_adapter.prune_heads(removed)
-    return removed
+
+    def reattach(layer, _):
+        return gates[layer]
+
+    return prune_to_decision(model, plan, keep, values,
+                             lambda: protocol.attach_gates(model, "head", reattach))
 
 
 def remove_lrp(model):
@@ -68,7 +64,13 @@ class LRP(Algorithm):
     (drawn from the run's RNG) before it, and the decision after it; at ``prune_at_step`` (default:
     FIT_END) the dropped heads are removed in place, and the steps after that are recovery.
     ``target_heads`` / ``target_fraction`` (a Lagrangian term reaches it and exactly that many
-    heads stay) or ``l0_penalty``; see ``ms_prune/heads/README.md``.
+    heads stay) or ``l0_penalty``; see ``ms_prune/heads/README.md``. The gates, their penalty and
+    the target come from an ``AbstractHeadPrunerLRP`` with these settings (its hooks ``init_head``
+    and ``get_penalty``); ``pruner.algorithm(gated)`` gives one bound to a pruner's gated copy.
+
+    Under ``mindspore.train.Model.train`` (``AlgorithmCallback``) it runs without ``prune_at_step``
+    (pruning then happens after the run); with it the callback refuses it when built, since the
+    one compiled graph cannot follow a model pruned mid-run.
     """
 
     changes_graph = True
@@ -78,7 +80,8 @@ class LRP(Algorithm):
                  temperature=0.33, stretch_limits=(-0.1, 1.1), threshold=CLOSED_THRESHOLD):
         owner = "LRP"
         if target_heads is not None and target_fraction is not None:
-            raise ValueError("LRP: give target_heads or target_fraction, not both")
+            raise ValueError(f"LRP: give target_heads or target_fraction, not both (got {target_heads!r} and "
+                             f"{target_fraction!r})")
         self.target_heads = check_int(owner, "target_heads", target_heads, minimum=1, allow_none=True)
         self.target_fraction = check_number(owner, "target_fraction", target_fraction, minimum=0.0, maximum=1.0,
                                             min_open=True, allow_none=True)
@@ -92,10 +95,40 @@ class LRP(Algorithm):
         self.linear_term = bool(linear_term)
         check_gate_args(temperature, stretch_limits, 1.0, 1e-6, threshold)
         self.temperature, self.stretch_limits, self.threshold = temperature, tuple(stretch_limits), threshold
+        self.pruner = None
         self.objective = self.term = None
         self.target = None
         self.pruned_heads = None
         self._saved_pruned_heads = None
+        self._gated = None  # the pruner's gated copy this algorithm is bound to (``bind``)
+
+    def bind(self, pruner, gated_model):
+        """Train ``pruner``'s gated copy ``gated_model`` (``pruner.decorate_model()``) with the
+        pruner's gates and ``get_penalty``; nothing is pruned (``pruner.prune_model`` does)."""
+        check_instance("LRP.bind", "pruner", pruner, AbstractHeadPrunerLRP)
+        if self.prune_at_step is not None:
+            raise ValueError(f"LRP.bind: prune_at_step={self.prune_at_step} would prune the gated copy; a bound LRP "
+                             f"leaves the pruning to pruner.prune_model")
+        gates = _gates(gated_model)
+        if not any(isinstance(g, ConcreteGate) for g in gates) or any(
+                n and not isinstance(g, ConcreteGate) for n, g in zip(protocol.adapter(gated_model).heads_per_layer(),
+                                                                        gates)):
+            raise ValueError("LRP.bind: gated_model must be the pruner's gated copy (pruner.decorate_model()), with "
+                             "a ConcreteGate on every attention layer")
+        self.pruner, self._gated = pruner, gated_model
+        return self
+
+    @property
+    def runs_in_model_train(self):
+        return self.prune_at_step is None
+
+    @property
+    def model_train_refusal(self):
+        """Why ``AlgorithmCallback`` refuses this algorithm (None when it runs there)."""
+        if self.prune_at_step is None:
+            return None
+        return (f"prune_at_step={self.prune_at_step} removes heads in the middle of the run; drop prune_at_step "
+                f"to prune after Model.train ends")
 
     # ---- events ----------------------------------------------------------------------------------
     def match(self, event, state):
@@ -103,8 +136,10 @@ class LRP(Algorithm):
             return True
         if event == Event.AFTER_LOAD:
             return self._saved_pruned_heads is not None and self.pruned_heads is None
+        if event == Event.FIT_END:  # a bound LRP leaves the pruning to its pruner
+            return self._gated is None and self.pruned_heads is None
         # the gates' events, while the model still has gates
-        return event in (Event.BATCH_START, Event.BATCH_END, Event.FIT_END) and self.pruned_heads is None
+        return event in (Event.BATCH_START, Event.BATCH_END) and self.pruned_heads is None
 
     def apply(self, event, state, logger):
         if event == Event.INIT:
@@ -128,26 +163,28 @@ class LRP(Algorithm):
             state.structure_changed = True
 
     def _add_gates(self, model):
-        total = sum(protocol.adapter(model).heads_per_layer())
-        if total == 0:
-            raise ValueError("LRP: the model has no attention heads left to gate")
-        target = self.target_heads
-        if self.target_fraction is not None:
-            target = max(1, int(round(self.target_fraction * total)))
-        if target is not None and target > total:
-            raise ValueError(f"LRP: target_heads must be at most the model's {total} heads, got {target}")
-        self.target = target
-        scale = total if self.penalty_normalization == "heads" else 1
-        # With a target the gates' penalty is the plain expected fraction (or count): the Lagrangian
-        # multipliers, not l0_penalty, set its weight; and evaluation follows the top-k decision
-        # alone (threshold 0), so a kept head keeps the gate value it was trained towards.
-        gate_penalty = (1.0 if target is not None else self.l0_penalty) / scale
-        threshold = self.threshold if target is None else 0.0
-        gates = apply_lrp(model, l0_penalty=gate_penalty, host_noise=True, temperature=self.temperature,
-                          stretch_limits=self.stretch_limits, threshold=threshold)
-        self.objective = LRPObjective(target=None if target is None else target / scale, start=total / scale,
-                                      warmup_steps=self.warmup_steps, linear_term=self.linear_term)
-        self.term = GateObjective(gates, self.objective)
+        if self._gated is not None:
+            if model is not self._gated:
+                raise ValueError("LRP: this LRP is bound to a pruner's gated copy (pruner.algorithm(gated)), but the "
+                                 "run trains another model; pass the gated copy to the Trainer")
+        else:
+            total = sum(protocol.adapter(model).heads_per_layer())
+            target = resolve_target("LRP", total, self.target_heads, self.target_fraction)
+            self.pruner = AbstractHeadPrunerLRP(
+                model, l0_penalty=self.l0_penalty, target_heads=target,
+                penalty_normalization=self.penalty_normalization, warmup_steps=self.warmup_steps,
+                linear_term=self.linear_term, temperature=self.temperature, stretch_limits=self.stretch_limits,
+                threshold=self.threshold)
+            refuse_other_gates("LRP", model)
+            self.pruner.add_gates(model)
+        # the run's RNG draws the noise (exact resume); host_noise is read when the graph compiles,
+        # which happens after INIT
+        for gate in self._live_gates(model):
+            gate.host_noise = True
+        protocol.refresh(model)
+        self.target = self.pruner.target_heads
+        self.objective = self.pruner.objective
+        self.term = self.pruner.get_penalty(model)
 
     def _live_gates(self, model):
         return [g for g in _gates(model) if g is not None]
@@ -180,11 +217,9 @@ class LRP(Algorithm):
         return (self.objective.target, self.objective.lambda_1, self.objective.lambda_2)
 
     def summary(self, model):
-        """Open heads per layer by the current decision, and the gates' expected open count."""
-        gates = _gates(model)
-        keep = decide_heads(gates, self.target, keep_one=not protocol.adapter(model).empty_layers_allowed)
-        return {"open_per_layer": [len(k) for k in keep], "open": sum(len(k) for k in keep),
-                "expected_open": float(sum(g.expected_open() for g in gates if g is not None))}
+        """Heads kept per layer by the current decision, their total, and the gates' expected open
+        count (the pruner's ``gate_summary``)."""
+        return lrp_summary(model, self.target)
 
     def state_dict(self):
         heads = self.pruned_heads

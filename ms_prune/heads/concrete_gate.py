@@ -11,11 +11,12 @@ used for heads by Voita et al. 2019. One ``log_a`` per head:
 The stretch beyond [0, 1] followed by the clip gives exact zeros and ones with non-zero
 probability while staying differentiable in ``log_a`` in between.
 
-One threshold (``threshold``, default ``CLOSED_THRESHOLD`` = 0.5) decides whether a head is
-closed everywhere: the evaluation gate of a head whose formula value is <= threshold is exactly
-0, the pruners remove exactly those heads, and training monitors count the same. So the pruned
-model computes what the gated model computes in evaluation. ``threshold=0`` gives the bare
-published evaluation formula.
+The evaluation gate of a head whose formula value is <= ``threshold`` (default
+``CLOSED_THRESHOLD`` = 0.5) is exactly 0, and so is that of a head the LRP decision drops
+(``keep_mask``, written from the host by ``write_decision``): evaluation, the training log and the
+pruning follow one decision (``ms_prune.heads.lrp.decide_heads``), so the pruned model computes
+what the gated model computes in evaluation. ``threshold=0`` gives the bare published evaluation
+formula (what LRP uses with a head target: the decision alone closes heads).
 """
 import math
 
@@ -120,9 +121,14 @@ class ConcreteGate(nn.Cell):
         log_a = self.log_a.asnumpy().astype(np.float64)
         return np.clip(1.0 / (1.0 + np.exp(-log_a)) * (self.zeta - self.gamma) + self.gamma, 0.0, 1.0)
 
-    def gate_values(self):
-        """Evaluation gate values as a numpy array (exactly what ``get_gates(False)`` gives)."""
-        gates = self.raw_gate_values() * self.keep_mask.asnumpy()
+    def gate_values(self, keep_positions=None):
+        """Evaluation gate values as a numpy array (exactly what ``get_gates(False)`` gives), or what
+        it would give under the decision ``keep_positions`` (not written)."""
+        mask = self.keep_mask.asnumpy()
+        if keep_positions is not None:
+            mask = np.zeros((self.num_heads,), np.float32)
+            mask[list(keep_positions)] = 1.0
+        gates = self.raw_gate_values() * mask
         return np.where(gates > self.threshold, gates, 0.0).astype(np.float32)
 
     def write_decision(self, keep_positions):

@@ -19,7 +19,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
-from ms_prune import protocol
+from ms_prune import cost, protocol
 from ms_prune.engine import Algorithm, Event
 from ms_prune.protocol import LayerCall, LayerWrapper, call_argument
 from ms_prune.training import compiled_graph_count, make_train_step, write_parameter
@@ -397,23 +397,13 @@ def revert_random_ltd(model):
 
 
 def forward_flops_with_ltd(model, seq_len, batch_size=1):
-    """The model's forward FLOPs (its protocol adapter's ``forward_flops``) with each random-LTD
-    layer counted on its kept tokens: projections scale with the kept length r, attention matmuls
-    with r**2 (gather/scatter are not FLOPs)."""
-    model_adapter = protocol.adapter(model)
-    flops = model_adapter.forward_flops(seq_len, batch_size)
-    layers = model_adapter.layers()
-    for i in range(len(layers)):
-        wrapper = layers[i]
-        if not isinstance(wrapper, RandomLayerTokenDrop) or wrapper.kept_length is None or \
-                wrapper.kept_length >= seq_len:
-            continue
-        heads = model_adapter.attention(i)
-        dropped = seq_len - wrapper.kept_length
-        flops -= protocol.projection_flops(wrapper.layer, dropped * batch_size)
-        flops -= (protocol.attention_flops(heads.num_heads, heads.head_dim, seq_len) -
-                  protocol.attention_flops(heads.num_heads, heads.head_dim, wrapper.kept_length)) * batch_size
-    return flops
+    """The model's forward FLOPs (``ms_prune.cost.forward_flops``) with each random-LTD layer
+    counted on its kept tokens: projections scale with the kept length r, attention matmuls with
+    r**2 (gather/scatter are not FLOPs)."""
+    layers = protocol.adapter(model).layers()
+    tokens = [min(layer.kept_length, seq_len) if isinstance(layer, RandomLayerTokenDrop) and
+              layer.kept_length is not None else seq_len for layer in layers]
+    return cost.forward_flops(model, seq_len, batch_size, tokens_per_layer=tokens)
 
 
 # --------------------------------------------------------------------------------------------
