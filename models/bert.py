@@ -12,8 +12,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import nn, ops
 
-from ms_prune.protocol import FFNUnits
-
 from .modeling_utils import (Embedding, HeadPrunableAttention, LayerNorm, Linear, NeuronPrunableFFN, OutputBias,
                              PreTrainedCell, PretrainedConfig, PrunedUnits, additive_padding_bias,
                              check_model_inputs)
@@ -205,8 +203,7 @@ class BertPreTrainedCell(PreTrainedCell):
 
     def ffn_units(self, layer):
         block = self.transformer_layers()[layer]
-        return FFNUnits(block, "intermediate.dense", "output.dense", block.intermediate.num_neurons,
-                        kept_neurons=block.intermediate.kept_neurons)
+        return block.intermediate.declare_neurons(block, "intermediate.dense", "output.dense")
 
     @property
     def skippable_layers(self):

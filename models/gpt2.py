@@ -11,8 +11,6 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-from ms_prune.protocol import FFNUnits
-
 from .bert import activation
 from .modeling_utils import (MASK_VALUE, Conv1D, Embedding, HeadPrunableAttention, LayerNorm,
                              NeuronPrunableFFN, OutputBias, PreTrainedCell, PretrainedConfig, PrunedUnits,
@@ -127,7 +125,7 @@ class GPT2PreTrainedCell(PreTrainedCell):
 
     def ffn_units(self, layer):
         mlp = self.transformer_layers()[layer].mlp
-        return FFNUnits(mlp, "c_fc", "c_proj", mlp.num_neurons, layout="conv1d")
+        return mlp.declare_neurons(mlp, "c_fc", "c_proj", layout="conv1d")
 
     def _is_embedding_parameter(self, name):
         return name.split(".")[-2] in ("wte", "wpe")

@@ -5,6 +5,7 @@ Parameter names of our Cells are Hugging Face's tensor names (our LayerNorm and 
 a checkpoint is an explicit name-to-name copy in which every tensor is accounted for.
 """
 import copy
+import functools
 import json
 import logging
 import math
@@ -18,8 +19,8 @@ from mindspore.common.initializer import Normal, initializer
 
 from ms_prune import cost
 from ms_prune.fileio import atomic_write
-from ms_prune.protocol import (AttentionHeads, LayerCall, TransformerAdapter, checked_units, head_positions, refresh,
-                               resolve_path, slice_heads, slice_projection)
+from ms_prune.protocol import (AttentionHeads, FFNUnits, LayerCall, TransformerAdapter, checked_units, head_positions,
+                               neuron_positions, refresh, resolve_path, slice_heads, slice_neurons, slice_projection)
 
 logger = logging.getLogger(__name__)
 
@@ -287,26 +288,29 @@ class HeadPrunableAttention(nn.Cell):
         """This attention's ``AttentionHeads``: the projections' paths (``query``/``key``/``value``
         or ``qkv``, ``layout``, ``num_kv_heads``) and what our attentions share: ``num_heads`` kept
         by the surgery, and a layer that may lose every head."""
+        inputs = [projections["qkv"]] if projections.get("qkv") else [projections[k] for k in ("query", "key", "value")]
         return AttentionHeads(self, output, self.head_dim, self.num_heads, kept_heads=self.kept_heads,
-                              count_attributes={"num_heads": "heads"}, empty=self._remove_all_heads,
-                              after_surgery=self._heads_changed, **projections)
+                              count_attributes={"num_heads": "heads"}, after_surgery=self._heads_changed,
+                              empty=functools.partial(remove_units, self, inputs, output,
+                                                      projections.get("layout", "linear")), **projections)
 
     def _heads_changed(self):
         """State derived from the kept heads beyond their count (Llama's key/value indexing)."""
-
-    def _remove_all_heads(self):
-        """An attention with no heads: no Q/K/V projections, and the output projection's bias alone."""
-        declared = self.heads()
-        for path in [declared.qkv] if declared.qkv else [declared.query, declared.key, declared.value]:
-            owner, name = resolve_path(self, path)
-            setattr(owner, name, None)
-        owner, name = declared.output_slot()
-        setattr(owner, name, slice_output_projection(getattr(owner, name), [], declared.layout))
 
     def heads(self):
         """This attention's ``AttentionHeads`` declaration."""
         raise NotImplementedError
 
+
+
+def remove_units(cell, inputs, output, layout):
+    """What our layers keep of a unit kind that lost every unit: no input projections (``inputs``,
+    paths below ``cell``), and the output projection's bias alone (``OutputBias``)."""
+    for path in inputs:
+        owner, name = resolve_path(cell, path)
+        setattr(owner, name, None)
+    owner, name = resolve_path(cell, output)
+    setattr(owner, name, slice_output_projection(getattr(owner, name), [], layout))
 
 
 class NeuronPrunableFFN(nn.Cell):
@@ -321,6 +325,14 @@ class NeuronPrunableFFN(nn.Cell):
         self.kept_neurons = list(kept_neurons)
         self.num_neurons = len(self.kept_neurons)
 
+    def declare_neurons(self, cell, inputs, output, layout="linear"):
+        """The ``FFNUnits`` of this FFN, whose projections sit below ``cell`` (the layer): the
+        surgery keeps the counts here, and a layer may lose every neuron."""
+        inputs = (inputs,) if isinstance(inputs, str) else tuple(inputs)
+        return FFNUnits(cell, inputs, output, self.num_neurons, layout=layout, record=self,
+                        count_attributes={"num_neurons": "neurons"},
+                        empty=functools.partial(remove_units, cell, inputs, output, layout))
+
 
 def slice_output_projection(projection, columns, layout):
     """Keep input features ``columns`` of an output projection (``layout``: 'linear' or 'conv1d');
@@ -329,13 +341,6 @@ def slice_output_projection(projection, columns, layout):
         bias = projection.bias.asnumpy() if projection.bias is not None else None
         return OutputBias(bias, projection.out_features)
     return slice_projection(projection, columns, layout, axis="in")
-
-
-def slice_input_projection(projection, rows, layout):
-    """Keep output features ``rows`` of a Q/K/V projection, or None when none are kept."""
-    if len(rows) == 0:
-        return None
-    return slice_projection(projection, rows, layout, axis="out")
 
 
 def check_model_inputs(owner, input_ids, attention_mask, max_positions, position_key):
@@ -690,22 +695,11 @@ class PreTrainedCell(nn.Cell):
         numbering. Repeated calls merge; ``config.pruned_ffn_neurons`` records the union so that a
         saved model reloads with the same shapes. Layers may keep different widths, down to 0
         (the FFN then adds only its output bias; the residual path stays)."""
-        ffns = self.ffn_layers()
-        checked = checked_units("prune_ffn_neurons", "neuron", neurons_to_prune, [f.total_neurons for f in ffns])
-        for layer, neurons in checked.items():
-            ffn = ffns[layer]
-            positions = [i for i, n in enumerate(ffn.kept_neurons) if n not in neurons]
-            if len(positions) < ffn.num_neurons:
-                units = self.ffn_units(layer)
-                rows = np.asarray(positions, np.int64)
-                for path in units.inputs:
-                    owner, name = resolve_path(units.cell, path)
-                    setattr(owner, name, slice_input_projection(getattr(owner, name), rows, units.layout))
-                owner, name = units.output_slot()
-                setattr(owner, name, slice_output_projection(getattr(owner, name), rows, units.layout))
-                ffn.kept_neurons = [ffn.kept_neurons[i] for i in positions]
-                ffn.num_neurons = len(positions)
-            self._record_pruned("pruned_ffn_neurons", layer, neurons)
+        declared = [self.ffn_units(i) for i in range(len(self.ffn_layers()))]
+        checked = checked_units("prune_ffn_neurons", "neuron", neurons_to_prune, [f.total for f in declared])
+        for layer, positions in neuron_positions(declared, checked).items():
+            slice_neurons(declared[layer], positions, layer)
+            self._record_pruned("pruned_ffn_neurons", layer, checked[layer])
         self.refresh_after_surgery()
         return self
 

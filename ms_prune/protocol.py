@@ -147,11 +147,19 @@ def resolve_cell(root, path):
 
 class _Units:
     """What attention heads and FFN neurons share: an owner Cell, the output projection (a dotted
-    path below it) whose input holds the units side by side, and which original units remain."""
+    path below it) whose input holds the units side by side, and which original units remain.
+
+    ``record``: the Cell whose attributes say which units remain (``kept_<unit>s``,
+    ``total_<unit>s``) and carry ``count_attributes`` (default: ``cell``). ``after_surgery``: a
+    function called after the projections are sliced, for state derived in other ways. ``empty``: a
+    function that takes the layer to no units at all (ours replace the projections by the output
+    projection's bias); without it a layer keeps at least one unit."""
 
     unit = "unit"
+    counts = ()
 
-    def __init__(self, cell, output, layout, count, width, kept):
+    def __init__(self, cell, output, layout, count, width, kept, count_attributes=None, record=None,
+                 after_surgery=None, empty=None):
         owner = type(self).__name__
         if not isinstance(cell, nn.Cell):
             raise TypeError(f"{owner}: cell must be the mindspore.nn.Cell holding the projections, "
@@ -161,12 +169,25 @@ class _Units:
                              f"nn.Dense; 'conv1d': weight (in, out) as GPT-2), got {layout!r}")
         self.cell, self.output, self.layout, self.count, self.width = cell, output, layout, int(count), int(width)
         resolve_path(cell, output)
-        stored = getattr(cell, "kept_" + self.unit + "s", None)
+        if record is not None and not isinstance(record, nn.Cell):
+            raise TypeError(f"{owner}: record must be None or the Cell that keeps the counts, got {type(record).__name__}")
+        self.record = cell if record is None else record
+        self.count_attributes = dict(count_attributes or {})
+        bad = {k: v for k, v in self.count_attributes.items() if v not in self.counts}
+        if bad:
+            raise ValueError(f"{owner}: count_attributes values must be one of {self.counts}, got {bad}")
+        for name, function in (("after_surgery", after_surgery), ("empty", empty)):
+            if function is not None and not callable(function):
+                raise TypeError(f"{owner}: {name} must be None or a function of no arguments, "
+                                f"got {type(function).__name__}")
+        self.after_surgery, self.empty = after_surgery, empty
+        stored = getattr(self.record, "kept_" + self.unit + "s", None)
         self.kept = list(kept if kept is not None else stored if stored is not None else range(self.count))
         if len(self.kept) != self.count:
             raise ValueError(f"{owner}: {len(self.kept)} kept {self.unit}s listed for {self.count} {self.unit}s")
         # how many there were before any pruning (surgery records it on the cell)
-        self.total = int(getattr(cell, "total_" + self.unit + "s", None) or (max(self.kept) + 1 if self.kept else 0))
+        self.total = int(getattr(self.record, "total_" + self.unit + "s", None) or
+                         (max(self.kept) + 1 if self.kept else 0))
 
     def output_slot(self):
         """(owner, attribute) of the output projection."""
@@ -178,9 +199,6 @@ class _Units:
         return cell.layer if isinstance(cell, GatedInput) else cell
 
 
-HEAD_COUNTS = ("heads", "kv_heads", "groups", "width", "kv_width")
-
-
 class AttentionHeads(_Units):
     """Where one attention's heads are: dotted paths below ``cell`` to its ``query``/``key``/
     ``value`` projections (or the fused ``qkv`` one: [Q | K | V] side by side) and to its
@@ -188,13 +206,11 @@ class AttentionHeads(_Units):
     features each); ``num_heads`` query heads and ``num_kv_heads`` key/value heads (grouped-query
     attention: query head h reads key/value head h // (num_heads / num_kv_heads)).
 
-    ``count_attributes``: attributes of ``cell`` that the attention computes its shapes from and
-    that surgery must update, {name: what}, what one of 'heads', 'kv_heads', 'groups' (query heads
-    per key/value head, e.g. ``num_key_value_groups``), 'width' (heads x head_dim) or 'kv_width'.
-    ``after_surgery``: a function called after the projections are sliced, for state derived in
-    other ways (our Llama re-indexes which key/value head each query head reads).
-    ``empty``: a function that takes the attention to no heads at all (ours replace the
-    projections by the output projection's bias); without it a layer keeps at least one head.
+    ``count_attributes``: attributes of ``cell`` (or ``record``) that the attention computes its
+    shapes from and that surgery must update, {name: what}, what one of 'heads', 'kv_heads',
+    'groups' (query heads per key/value head, e.g. ``num_key_value_groups``), 'width' (heads x
+    head_dim) or 'kv_width'. ``record``, ``after_surgery`` (our Llama re-indexes which key/value
+    head each query head reads) and ``empty``: see the base class.
 
     Grouped-query attention is pruned to equal groups (whole key/value groups removed, and the same
     number of query heads kept in every remaining group), what standard attention code assumes. A
@@ -202,11 +218,13 @@ class AttentionHeads(_Units):
     """
 
     unit = "head"
+    counts = ("heads", "kv_heads", "groups", "width", "kv_width")
 
     def __init__(self, cell, output, head_dim, num_heads, query=None, key=None, value=None, qkv=None,
                  num_kv_heads=None, layout="linear", count_attributes=None, kept_heads=None, after_surgery=None,
-                 empty=None):
-        super().__init__(cell, output, layout, num_heads, head_dim, kept_heads)
+                 empty=None, record=None):
+        super().__init__(cell, output, layout, num_heads, head_dim, kept_heads, count_attributes, record,
+                         after_surgery, empty)
         if qkv is None and None in (query, key, value) and num_heads:
             raise ValueError("AttentionHeads: give query, key and value (paths of the projections), or qkv")
         self.query, self.key, self.value, self.qkv = query, key, value, qkv
@@ -215,15 +233,6 @@ class AttentionHeads(_Units):
         self.num_kv_heads = int(num_heads if num_kv_heads is None else num_kv_heads)
         if not 0 <= self.num_kv_heads <= self.num_heads:
             raise ValueError(f"AttentionHeads: num_kv_heads must be in 0..num_heads ({num_heads}), got {num_kv_heads}")
-        self.count_attributes = dict(count_attributes or {})
-        bad = {k: v for k, v in self.count_attributes.items() if v not in HEAD_COUNTS}
-        if bad:
-            raise ValueError(f"AttentionHeads: count_attributes values must be one of {HEAD_COUNTS}, got {bad}")
-        for name, function in (("after_surgery", after_surgery), ("empty", empty)):
-            if function is not None and not callable(function):
-                raise TypeError(f"AttentionHeads: {name} must be None or a function of no arguments, "
-                                f"got {type(function).__name__}")
-        self.after_surgery, self.empty = after_surgery, empty
         self.kept_heads = self.kept
 
 
@@ -231,17 +240,20 @@ class FFNUnits(_Units):
     """Where one FFN's intermediate neurons are: ``inputs``, dotted paths below ``cell`` of the
     projections with one output feature per neuron (``("dense",)``; SwiGLU: ``("gate_proj",
     "up_proj")``), and ``output``, the projection reading them. The activation must map 0 to 0
-    (GELU, ReLU, SiLU-gated products) so a removed neuron equals a zero one."""
+    (GELU, ReLU, SiLU-gated products) so a removed neuron equals a zero one. ``count_attributes``:
+    {name: 'neurons' or 'width'}; ``record``, ``after_surgery`` and ``empty``: see the base class."""
 
     unit = "neuron"
+    counts = ("neurons", "width")
 
-    def __init__(self, cell, inputs, output, num_neurons, layout="linear", count_attributes=None, kept_neurons=None):
-        super().__init__(cell, output, layout, num_neurons, 1, kept_neurons)
+    def __init__(self, cell, inputs, output, num_neurons, layout="linear", count_attributes=None, kept_neurons=None,
+                 after_surgery=None, empty=None, record=None):
+        super().__init__(cell, output, layout, num_neurons, 1, kept_neurons, count_attributes, record, after_surgery,
+                         empty)
         self.inputs = (inputs,) if isinstance(inputs, str) else tuple(inputs)
         for path in self.inputs:
             resolve_path(cell, path)
         self.num_neurons = self.count
-        self.count_attributes = dict(count_attributes or {})
         self.kept_neurons = self.kept
 
 
@@ -404,18 +416,8 @@ class TransformerAdapter:
     def _prune_ffn_neurons(self, neurons_to_prune):
         ffns = self.ffns()
         plan = checked_units("prune_ffn_neurons", "neuron", neurons_to_prune, [f.total for f in ffns])
-        for layer, neurons in plan.items():
-            ffn = ffns[layer]
-            positions = [p for p, n in enumerate(ffn.kept) if n not in neurons]
-            if not positions:
-                raise ValueError(f"prune_ffn_neurons: layer {layer} would lose all its neurons; this model's "
-                                 f"adapter keeps at least one")
-            for path in ffn.inputs:
-                slice_projection(resolve_cell(ffn.cell, path), positions, ffn.layout, axis="out")
-            slice_projection(ffn.output_projection(), positions, ffn.layout, axis="in")
-            _set_counts(ffn.cell, ffn.count_attributes, {"neurons": len(positions), "width": len(positions)})
-            object.__setattr__(ffn.cell, "total_neurons", ffn.total)
-            object.__setattr__(ffn.cell, "kept_neurons", [ffn.kept[p] for p in positions])
+        for layer, positions in neuron_positions(ffns, plan).items():
+            slice_neurons(ffns[layer], positions, layer)
         refresh(self.model)
         return self.model
 
@@ -635,85 +637,6 @@ def select_grouped_heads(scores, attentions, total, allow_empty):
     return kept[::-1]
 
 
-# --------------------------------------------------------------------------------------------
-# Generic surgery
-# --------------------------------------------------------------------------------------------
-def head_groups(num_heads, num_kv_heads):
-    """Query-head positions per key/value head: grouped-query attention reads key/value head
-    p // (num_heads / num_kv_heads) for query head p. Equal groups are what standard attention code
-    (ours, transformers', every runtime) assumes, so the surgery keeps them equal."""
-    if num_heads == 0:
-        return []
-    if not num_kv_heads or num_heads % num_kv_heads:
-        raise ValueError(f"{num_heads} query heads cannot be split into {num_kv_heads} equal key/value groups")
-    size = num_heads // num_kv_heads
-    return [list(range(g * size, (g + 1) * size)) for g in range(num_kv_heads)]
-
-
-def feasible_head_counts(num_heads, num_kv_heads, allow_empty=True):
-    """The numbers of query heads a layer can keep with equal groups: m groups of k heads each."""
-    groups = head_groups(num_heads, num_kv_heads)
-    size = len(groups[0]) if groups else 0
-    counts = {m * k for m in range(1, len(groups) + 1) for k in range(1, size + 1)}
-    return sorted(counts | ({0} if allow_empty or not num_heads else set()))
-
-
-def best_grouped_heads(scores, num_heads, num_kv_heads, count):
-    """The ``count`` head positions with the largest total score among the sets that keep the same
-    number of query heads in every kept key/value group (whole groups go first when that scores
-    better); None when no such set has ``count`` heads. Ties go to the lower position."""
-    scores = np.asarray(scores, np.float64)
-    if count == 0:
-        return []
-    groups = head_groups(num_heads, num_kv_heads)
-    best, best_value = None, -np.inf
-    for m in range(1, len(groups) + 1):
-        if count % m or count // m > len(groups[0]):
-            continue
-        k = count // m
-        # each group's k best heads, then the m groups whose k best sum highest
-        tops = [sorted(g, key=lambda p: (-scores[p], p))[:k] for g in groups]
-        ranked = sorted(range(len(groups)), key=lambda g: (-scores[tops[g]].sum(), g))[:m]
-        value = sum(scores[tops[g]].sum() for g in ranked)
-        if value > best_value:
-            best, best_value = sorted(p for g in ranked for p in tops[g]), value
-    return best
-
-
-def select_grouped_heads(scores, attentions, total, allow_empty):
-    """Per layer, the head positions to keep: ``total`` heads over all layers (or the most that fit
-    below it when equal groups make ``total`` unreachable) with the largest total score, each layer
-    keeping equal key/value groups, and at least one head unless ``allow_empty``. ``scores``: per
-    layer, one score per current head; ``attentions``: the layers' :class:`AttentionHeads`.
-
-    A dynamic programme over layers and kept counts: exact for any per-layer group structure."""
-    options = []
-    for layer_scores, attention in zip(scores, attentions):
-        counts = feasible_head_counts(attention.num_heads, attention.num_kv_heads, allow_empty)
-        layer_options = {}
-        for c in counts:
-            kept = best_grouped_heads(layer_scores, attention.num_heads, attention.num_kv_heads, c)
-            layer_options[c] = (float(np.sum(np.asarray(layer_scores, np.float64)[kept])) if kept else 0.0, kept)
-        options.append(layer_options)
-    # best[t] = (value, choices) over the layers so far with t heads kept
-    best = {0: (0.0, [])}
-    for layer_options in options:
-        following = {}
-        for t, (value, choices) in best.items():
-            for c, (gain, kept) in layer_options.items():
-                if t + c > total:
-                    continue
-                candidate = (value + gain, choices + [kept])
-                if t + c not in following or candidate[0] > following[t + c][0]:
-                    following[t + c] = candidate
-        best = following
-    if not best:
-        minimum = sum(min(o) for o in options)
-        raise ValueError(f"no head selection keeps equal key/value groups with at most {total} heads: the layers "
-                         f"need at least {minimum} ({'none may be emptied' if not allow_empty else ''})")
-    return best[max(best)][1]
-
-
 def checked_units(owner, unit, to_prune, totals):
     """Validate ``{layer: [unit, ...]}`` (original numbers; ``totals``: per layer, how many there
     were) before any surgery, so a bad index changes nothing; returns {layer: set(units)}."""
@@ -833,14 +756,49 @@ def slice_heads(attention, positions, layer):
             for path in (attention.key, attention.value):
                 slice_projection(resolve_cell(attention.cell, path), kv_columns, attention.layout, "out")
         slice_projection(attention.output_projection(), columns, attention.layout, "in")
-    _set_counts(attention.cell, attention.count_attributes,
-                {"heads": len(positions), "kv_heads": len(kv_positions), "width": len(positions) * attention.head_dim,
-                 "kv_width": len(kv_positions) * attention.head_dim,
-                 "groups": len(positions) // len(kv_positions) if kv_positions else 0})
-    object.__setattr__(attention.cell, "total_heads", attention.total)
-    object.__setattr__(attention.cell, "kept_heads", [attention.kept[p] for p in positions])
-    if attention.after_surgery is not None:
-        attention.after_surgery()
+    _record(attention, positions, {"heads": len(positions), "kv_heads": len(kv_positions),
+                                   "width": len(positions) * attention.head_dim,
+                                   "kv_width": len(kv_positions) * attention.head_dim,
+                                   "groups": len(positions) // len(kv_positions) if kv_positions else 0})
+
+
+def _record(units, positions, counts):
+    """After a slicing: the declared counts, which original units remain, and derived state."""
+    _set_counts(units.record, units.count_attributes, counts)
+    object.__setattr__(units.record, "total_" + units.unit + "s", units.total)
+    object.__setattr__(units.record, "kept_" + units.unit + "s", [units.kept[p] for p in positions])
+    if units.after_surgery is not None:
+        units.after_surgery()
+
+
+def neuron_positions(ffns, plan):
+    """{layer: positions kept} for a checked ``{layer: {original neurons removed}}`` plan; a layer
+    left with no neuron is refused before any surgery unless its declaration has ``empty``."""
+    kept = {}
+    for layer, neurons in plan.items():
+        kept[layer] = [p for p, n in enumerate(ffns[layer].kept) if n not in neurons]
+        if not kept[layer] and ffns[layer].empty is None:
+            raise ValueError(f"prune_ffn_neurons: layer {layer} would lose all its neurons; this model's adapter "
+                             f"keeps at least one (declare FFNUnits(empty=...) for a model whose layers can lose all)")
+    return kept
+
+
+def slice_neurons(ffn, positions, layer):
+    """Keep the FFN neurons at ``positions`` (current numbering) of a declared FFN, in place: the
+    one neuron surgery of ms_prune (our models' ``prune_ffn_neurons`` call it too)."""
+    positions = sorted(int(p) for p in positions)
+    if len(positions) == ffn.num_neurons:
+        return
+    if not positions:
+        if ffn.empty is None:
+            raise ValueError(f"prune_ffn_neurons: layer {layer} would lose all its neurons; this model's adapter "
+                             f"keeps at least one")
+        ffn.empty()
+    else:
+        for path in ffn.inputs:
+            slice_projection(resolve_cell(ffn.cell, path), positions, ffn.layout, axis="out")
+        slice_projection(ffn.output_projection(), positions, ffn.layout, axis="in")
+    _record(ffn, positions, {"neurons": len(positions), "width": len(positions)})
 
 
 # --------------------------------------------------------------------------------------------
