@@ -70,9 +70,35 @@ def make_train_step(loss_net, optimizer, jit=True):
     ``jit=True``, so a PyNative program still gets a compiled step.
     """
     step = TrainStep(loss_net, optimizer)
-    if jit and ms.get_context("mode") == ms.PYNATIVE_MODE:
-        step.construct = ms.jit(step.construct)
-    return step
+    return compile_in_pynative(step) if jit else step
+
+
+def compile_in_pynative(cell):
+    """``cell`` with its ``construct`` compiled by ``ms.jit`` when the context is PyNative (in
+    GRAPH_MODE the Cell compiles anyway): a step Cell is one graph in either mode."""
+    if ms.get_context("mode") == ms.PYNATIVE_MODE:
+        cell.construct = ms.jit(cell.construct)
+    return cell
+
+
+def peak_memory_mb():
+    """{"host": peak resident memory of this process, "device": peak memory MindSpore allocated on
+    the accelerator} in MiB; ``None`` where the platform cannot tell (the device on CPU)."""
+    host = None
+    try:
+        import resource
+        import sys
+        # ru_maxrss is in KiB on Linux, in bytes on macOS
+        host = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+    except (ImportError, OSError):  # Windows has no resource module
+        pass
+    device = None
+    if ms.get_context("device_target") != "CPU":
+        try:
+            device = ms.runtime.max_memory_allocated() / 2 ** 20
+        except (AttributeError, RuntimeError):
+            pass
+    return {"host": host, "device": device}
 
 
 def write_parameter(param, value):

@@ -62,6 +62,12 @@ def attach(model, make_head, make_neuron):
     layer's heads and, where the model declares prunable FFN neurons, on its neurons; returns
     (head cells, neuron cells) per layer (None for an empty layer; neuron cells [] when the model
     declares no FFN neurons)."""
+    for layer, gate in enumerate(protocol.gates_of(model, "head")):
+        if gate is not None:  # LRP's gates sit where the masks go: one would scale the other
+            raise ValueError(f"GradNAS: layer {layer} already has a head gate ({type(gate).__name__}, from "
+                             f"{type(gate).__module__}); GradNAS and LRP cannot gate the same heads: remove the LRP "
+                             f"gates first with ms_prune.heads.remove_lrp(model) (or prune_lrp(model) to keep what "
+                             f"they learned), or drop LRP from this run")
     heads = protocol.attach_gates(model, "head", make_head)
     if protocol.adapter(model).ffns() is None:
         return heads, []
