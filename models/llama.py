@@ -26,8 +26,8 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from ms_prune.protocol import LayerCall
 
-from .modeling_utils import (Embedding, HeadPrunableAttention, Linear, OutputBias, PreTrainedCell,
-                             PretrainedConfig, causal_attention_bias)
+from .modeling_utils import (Embedding, HeadPrunableAttention, Linear, NeuronPrunableFFN, OutputBias, PreTrainedCell,
+                             PretrainedConfig, PrunedUnits, causal_attention_bias)
 
 __all__ = ["LlamaConfig", "LlamaModel", "LlamaForCausalLM", "greedy_generate"]
 
@@ -53,7 +53,7 @@ class LlamaConfig(PretrainedConfig):
         num_attention_heads=32, num_key_value_heads=None, head_dim=None, hidden_act="silu",
         max_position_embeddings=2048, initializer_range=0.02, rms_norm_eps=1e-6, rope_theta=10000.0,
         rope_scaling=None, tie_word_embeddings=False, attention_bias=False, attention_dropout=0.0,
-        mlp_bias=False, pruned_heads={},
+        mlp_bias=False, pruned_heads={}, pruned_ffn_neurons={},
     )
 
     @classmethod
@@ -96,6 +96,7 @@ class LlamaConfig(PretrainedConfig):
                 raise ValueError(f"{owner}.{name} must be True or False, got {getattr(self, name)!r}")
         _check_default_rope(owner, "rope_scaling", self.rope_scaling)
         self._check_pruned_heads(self.num_hidden_layers, self.num_attention_heads)
+        self._check_pruned_ffn_neurons(self.num_hidden_layers, self.intermediate_size)
 
     @property
     def kv_heads(self):
@@ -181,26 +182,33 @@ class LlamaAttention(HeadPrunableAttention):
         self._index_kv_heads(self.kept_heads)
 
 
-class LlamaMLP(nn.Cell):
-    def __init__(self, config):
-        super().__init__()
-        hidden, inner, std, bias = (config.hidden_size, config.intermediate_size, config.initializer_range,
-                                    config.mlp_bias)
-        self.gate_proj = Linear(hidden, inner, std, has_bias=bias)
-        self.up_proj = Linear(hidden, inner, std, has_bias=bias)
-        self.down_proj = Linear(inner, hidden, std, has_bias=bias)
+class LlamaMLP(NeuronPrunableFFN):
+    """SwiGLU: down(silu(gate(x)) * up(x)). A pruned neuron is a row of ``gate_proj`` and of
+    ``up_proj`` and a column of ``down_proj`` (silu(0) * 0 = 0); with none left the FFN adds
+    ``down_proj``'s bias alone."""
+
+    def __init__(self, config, kept_neurons=None):
+        total = config.intermediate_size
+        super().__init__(total, range(total) if kept_neurons is None else kept_neurons)
+        hidden, inner, std, bias = config.hidden_size, self.num_neurons, config.initializer_range, config.mlp_bias
+        self.gate_proj = Linear(hidden, inner, std, has_bias=bias) if inner else None
+        self.up_proj = Linear(hidden, inner, std, has_bias=bias) if inner else None
+        self.down_proj = (Linear(inner, hidden, std, has_bias=bias) if inner else
+                          OutputBias(np.zeros((hidden,), np.float32) if bias else None, hidden))
 
     def construct(self, x):
+        if self.num_neurons == 0:
+            return self.down_proj(x)
         return self.down_proj(ops.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nn.Cell):
-    def __init__(self, config, kept_heads):
+    def __init__(self, config, kept_heads, kept_neurons=None):
         super().__init__()
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = LlamaAttention(config, kept_heads)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = LlamaMLP(config)
+        self.mlp = LlamaMLP(config, kept_neurons)
 
     def construct(self, hidden_states, attention_bias, position_ids):
         hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states), attention_bias,
@@ -227,22 +235,38 @@ class LlamaPreTrainedCell(PreTrainedCell):
     def transformer_layers(self):
         return self._backbone().layers
 
+    def ffn_layers(self):
+        return [layer.mlp for layer in self.transformer_layers()]
+
+    def ffn_units(self, layer):
+        mlp = self.transformer_layers()[layer].mlp
+        return mlp.declare_neurons(mlp, ("gate_proj", "up_proj"), "down_proj")
+
     def _is_embedding_parameter(self, name):
         return name.split(".")[-2] in ("embed_tokens", "lm_head")
 
-    def _zero_size_tensors(self):
-        """Projections of layers without heads, as 0-row/0-column tensors (HF's pruned layout)."""
-        state = {}
-        hidden = self.config.hidden_size
-        for i, attention in enumerate(self.attention_layers()):
-            if attention.num_heads == 0:
-                base = f"{self._backbone_name()}layers.{i}.self_attn."
-                for name in ("q_proj", "k_proj", "v_proj"):
-                    state[base + name + ".weight"] = np.zeros((0, hidden), np.float32)
-                    if self.config.attention_bias:
-                        state[base + name + ".bias"] = np.zeros((0,), np.float32)
-                state[base + "o_proj.weight"] = np.zeros((hidden, 0), np.float32)
-        return state
+    def _hidden_size(self):
+        return self.config.hidden_size
+
+    def _prunable_units(self):
+        """Query heads (their ``q_proj`` rows and ``o_proj`` columns), key/value heads (``k_proj``
+        and ``v_proj`` rows) and FFN neurons: what ``export_hf_dense`` re-inflates with zeros."""
+        units, config = [], self.config
+        attention_biases, mlp_biases = ("weight", "bias") if config.attention_bias else ("weight",), \
+            ("weight", "bias") if config.mlp_bias else ("weight",)
+        for i, (attention, mlp) in enumerate(zip(self.attention_layers(), self.ffn_layers())):
+            base = f"{self._backbone_name()}layers.{i}."
+            dim = attention.head_dim
+            units.append(PrunedUnits("heads", i, attention.total_heads, attention.kept_heads, dim,
+                                     [(f"{base}self_attn.q_proj.{k}", 0, 1) for k in attention_biases] +
+                                     [(f"{base}self_attn.o_proj.weight", 1, 1)]))
+            units.append(PrunedUnits("kv_heads", i, attention.total_kv_heads, attention.kept_kv_heads, dim,
+                                     [(f"{base}self_attn.{p}.{k}", 0, 1) for p in ("k_proj", "v_proj")
+                                      for k in attention_biases]))
+            units.append(PrunedUnits("neurons", i, mlp.total_neurons, mlp.kept_neurons, 1,
+                                     [(f"{base}mlp.{p}.{k}", 0, 1) for p in ("gate_proj", "up_proj") for k in mlp_biases]
+                                     + [(f"{base}mlp.down_proj.weight", 1, 1)]))
+        return units
 
 
 class LlamaModel(LlamaPreTrainedCell):
@@ -254,7 +278,9 @@ class LlamaModel(LlamaPreTrainedCell):
         heads = range(config.num_attention_heads)
         self.embed_tokens = Embedding(config.vocab_size, config.hidden_size, config.initializer_range)
         self.layers = nn.CellList([
-            LlamaDecoderLayer(config, [h for h in heads if h not in config.pruned_heads.get(i, [])])
+            LlamaDecoderLayer(config, [h for h in heads if h not in config.pruned_heads.get(i, [])],
+                              [n for n in range(config.intermediate_size)
+                               if n not in config.pruned_ffn_neurons.get(i, [])])
             for i in range(config.num_hidden_layers)])
         self.norm = LlamaRMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 
@@ -231,3 +232,13 @@ def write_json(path, result):
         with open(path, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2, sort_keys=True)
         print(f"wrote {path}")
+
+
+def resume_from_checkpoints(checkpoints, resume):
+    """A sample phase's ``resume_from``: 'latest' when ``resume`` and ``checkpoints`` holds a
+    checkpoint; otherwise the phase starts over, so the folder's old checkpoints go (the Trainer
+    refuses a fresh run beside another run's checkpoints)."""
+    if resume and os.path.isfile(os.path.join(checkpoints, "latest")):
+        return "latest"
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    return None

@@ -11,7 +11,7 @@
    model: gradnas_global (Kwon et al.'s selector), gradnas_bisect (ModelOpt's),
    gradnas_global_refit (with the least-squares refit), and the baselines magnitude and random (same
    selector and budget, other scores). A key/value head goes when its whole group of query heads
-   does. Heads only: our Llama declares no prunable FFN (no ``ffn_units``);
+   does. Heads only (``prune=("heads",)``): the budgets are fractions of the attention FLOPs;
 4. perplexity, parameters, FLOPs and heads per layer of every pruned model, and the GRAPH_MODE
    latency of the first method's model against the unpruned one (batch 1, median of repeats,
    timed interleaved in the same run);
@@ -187,7 +187,7 @@ def main(argv=None):
             candidate = load()
             outcome = apply_gradnas(candidate, ModelLoss(candidate, lm_cross_entropy, 1), score_batches,
                                     constraints={"flops": budget}, selector=selector, seq_len=seq_len, refit=refit,
-                                    scores=scores[method])
+                                    scores=scores[method], prune=("heads",))
             candidate.set_train(False)
             row = entry["methods"][name] = measure(candidate, ppl, seq_len)
             row.update(pruned_heads=outcome["pruned_heads"], flops_ratio=row["flops"] / base["flops"],

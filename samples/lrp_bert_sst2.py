@@ -42,7 +42,7 @@ from ms_prune.data import read_sst2  # noqa: E402
 from ms_prune.engine import Trainer  # noqa: E402
 from ms_prune.engine.recipes import build_algorithms  # noqa: E402
 from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, FRACTION, sample_cli,  # noqa: E402
-                               section_ranges, set_context, write_json)
+                               resume_from_checkpoints, section_ranges, set_context, write_json)
 
 KEYS = {"max_len", "buckets", "batch_size", "eval_batch_size", "freeze_word_embeddings", "finetune", "gates",
         "targets", "recovery", "latency", "log_every", "seed"}
@@ -146,7 +146,7 @@ def train(model, batches, first_step, steps, lr, weight_decay, log_every, checkp
     trainer = Trainer(model, cross_entropy, lambda step: batches(first_step + step), max_steps=steps,
                       algorithms=algorithms, optimizer=adamw, log_interval=log_every, checkpoint_dir=checkpoints,
                       checkpoint_interval=log_every * 5,
-                      resume_from="latest" if resume and os.path.isfile(os.path.join(checkpoints, "latest")) else None)
+                      resume_from=resume_from_checkpoints(checkpoints, resume))
     trainer.fit()
     model.set_train(False)
     del trainer

@@ -31,7 +31,7 @@ from ms_prune.data import compact_vocabulary, lm_batch_fn, shakespeare_tokens  #
 from ms_prune.engine import Trainer  # noqa: E402
 from ms_prune.engine.recipes import build_algorithms  # noqa: E402
 from ms_prune.training import (FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, lm_perplexity,  # noqa: E402
-                               sample_cli, section_ranges, set_context, write_json)
+                               resume_from_checkpoints, sample_cli, section_ranges, set_context, write_json)
 
 KEYS = {"model", "seq_len", "batch_size", "train", "gates", "recovery", "eval_batches",
         "eval_batches_quick", "log_every", "seed"}
@@ -55,7 +55,7 @@ def train(model, batches, first_step, steps, lr, weight_decay, log_every, checkp
     trainer = Trainer(model, lm_cross_entropy, lambda step: batches(first_step + step), max_steps=steps, algorithms=algorithms,
                       lr=lr, weight_decay=weight_decay, log_interval=log_every,
                       checkpoint_dir=checkpoints, checkpoint_interval=log_every * 4,
-                      resume_from="latest" if resume and os.path.isfile(os.path.join(checkpoints, "latest")) else None)
+                      resume_from=resume_from_checkpoints(checkpoints, resume))
     trainer.fit()
     model.set_train(False)
     return trainer

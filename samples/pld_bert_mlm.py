@@ -41,7 +41,7 @@ from ms_prune.models.bert import BertConfig, BertModel, activation  # noqa: E402
 from ms_prune.models.modeling_utils import LayerNorm, Linear  # noqa: E402
 from ms_prune.validation import check_ranges  # noqa: E402
 from ms_prune.training import (FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, sample_cli,  # noqa: E402
-                               section_ranges, set_context, write_json)
+                               resume_from_checkpoints, section_ranges, set_context, write_json)
 
 KEYS = {"data", "model", "vocab_size", "seq_len", "batch_size", "mask_fraction", "steps", "quick_steps",
         "warmup_fraction", "weight_decay", "baseline", "pld", "sweep", "eval_every", "eval_batches",
@@ -133,7 +133,7 @@ def timed_run(name, config, vocab, steps, seed, section, batches, val_batches, c
 
     def adamw(params):
         return nn.AdamWeightDecay(params, learning_rate=schedule, weight_decay=config["weight_decay"])
-    resume_from = "latest" if resume and os.path.isfile(os.path.join(checkpoints, "latest")) else None
+    resume_from = resume_from_checkpoints(checkpoints, resume)
     trainer = Trainer(bert, MLMHead(bert), batches, max_steps=steps, algorithms=build_algorithms(recipe, path=name),
                       optimizer=adamw, num_inputs=1, log_interval=0, checkpoint_dir=checkpoints,
                       checkpoint_interval=config["eval_every"], resume_from=resume_from, seed=seed)

@@ -34,7 +34,8 @@ from ms_prune.data import compact_vocabulary, lm_batch_fn, shakespeare_chars, sh
 from ms_prune.engine import Trainer  # noqa: E402
 from ms_prune.engine.recipes import build_algorithms  # noqa: E402
 from ms_prune.training import (lm_cross_entropy, lm_perplexity, sample_cli, set_context,  # noqa: E402
-                               write_json, FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, section_ranges)
+                               write_json, FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, section_ranges,
+                               resume_from_checkpoints)
 
 KEYS = {"data", "model", "seq_len", "batch_size", "steps", "quick_steps", "learning_rate", "min_learning_rate",
         "warmup_fraction", "weight_decay", "random_ltd", "eval_every", "eval_batches", "eval_batches_quick",
@@ -75,7 +76,7 @@ def timed_run(name, config, seed, steps, data, eval_batches, checkpoints, resume
     trainer = Trainer(model, lm_cross_entropy, lm_batch_fn(train_ids, batch, seq, seed), max_steps=steps,
                       algorithms=[ltd], lr=config["learning_rate"], weight_decay=config["weight_decay"],
                       log_interval=0, checkpoint_dir=checkpoints, checkpoint_interval=config["eval_every"], seed=seed,
-                      resume_from="latest" if resume and os.path.isfile(os.path.join(checkpoints, "latest")) else None)
+                      resume_from=resume_from_checkpoints(checkpoints, resume))
     run = TimedRun(name, trainer, lambda t: lm_perplexity(t.state.model, val_ids, batch, seq, eval_batches),
                    os.path.join(checkpoints, "curve.json"))
     run.scheduler = ltd.scheduler

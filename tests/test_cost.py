@@ -3,7 +3,6 @@ out from the architecture alone: our Llama (grouped-query, tied and untied LM he
 grouped-query decoder (tests/test_surgery.py) before and after pruning heads within groups, whole
 key/value groups and FFN neurons; random-LTD's kept tokens; GradNAS's CostModel predictions. (BERT and
 GPT-2: tests/test_models.py, test_counting_follows_the_structure and the GPT-2 tied head.)"""
-import numpy as np
 import pytest
 import mindspore as ms
 
@@ -91,7 +90,10 @@ def test_the_cost_model_predicts_what_is_counted(metric):
     model.prune_heads(plan)
     heads, kv = model.heads_per_layer(), [a.num_kv_heads for a in model.attention_layers()]
     assert (heads, kv) == ([3, 2, 0], [1, 2, 0])
-    assert costs.cost_of(heads, [], kv_heads=kv) == cost.measure(model, metric, S)
+    assert costs.cost_of(heads, model.neurons_per_layer(), kv_heads=kv) == cost.measure(model, metric, S)
+    model.prune_ffn_neurons({0: list(range(5)), 2: list(range(20))})
+    assert costs.cost_of(heads, [15, 20, 0], kv_heads=kv) == cost.measure(model, metric, S)
     assert costs.floor < costs.base  # every head gone takes the key/value heads along
-    assert np.isclose(costs.floor, cost.measure(model.__class__(model.config.copy(
-        pruned_heads={i: list(range(6)) for i in range(3)})), metric, S))
+    emptied = model.config.copy(pruned_heads={i: list(range(6)) for i in range(3)},
+                                pruned_ffn_neurons={i: list(range(20)) for i in range(3)})
+    assert costs.floor == cost.measure(LlamaForCausalLM(emptied), metric, S)

@@ -210,18 +210,17 @@ def test_selectors_meet_the_budget_or_under(selector, constraint):
 
 @pytest.mark.parametrize("metric", ["flops", "params"])
 def test_llama_grouped_query_heads_meet_the_budget(metric):
-    """Llama with 6 query heads sharing 2 key/value heads per layer: heads only (it declares no
-    prunable FFN); a key/value head goes only with its whole query group, and the model after
-    surgery costs no more than the cost model predicts (apply_gradnas raises otherwise)."""
+    """Llama with 6 query heads sharing 2 key/value heads per layer, and its SwiGLU FFN: a key/value
+    head goes only with its whole query group, and the model after surgery costs no more than the
+    cost model predicts (apply_gradnas raises otherwise)."""
     groups_removed = 0
     for seed, fraction in enumerate(["90%", "75%", "60%", "50%"]):
         ms.set_seed(seed)
         model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=48, intermediate_size=16, num_hidden_layers=3,
                                              num_attention_heads=6, num_key_value_heads=2, tie_word_embeddings=True))
-        assert protocol.adapter(model).ffns() is None  # no FFN declared: heads only
         scores = compute_scores(model, method="random", seed=seed)
         result = apply_gradnas(model, constraints={metric: fraction}, seq_len=SEQ, scores=scores)
-        assert result["after"][metric] <= result["budget"] and result["pruned_heads"] and not result["pruned_neurons"]
+        assert result["after"][metric] <= result["budget"] and result["pruned_heads"]
         for attention in model.attention_layers():
             assert attention.kept_kv_heads == sorted({h // 3 for h in attention.kept_heads})
             kv_rows = attention.k_proj.out_features if attention.num_heads else 0
@@ -245,6 +244,22 @@ def test_llama_reachable_floor_is_what_pruning_everything_reaches():
                       seq_len=SEQ, scores=scores)
 
 
+def test_prune_limits_the_unit_kinds():
+    """``prune=("heads",)``: the FFN stays whole and its cost counts against the budget."""
+    ms.set_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=48, intermediate_size=16, num_hidden_layers=2,
+                                         num_attention_heads=6, num_key_value_heads=2))
+    scores = compute_scores(model, method="random")
+    result = apply_gradnas(model, constraints={"flops": "90%"}, seq_len=SEQ, scores=scores, prune=("heads",))
+    assert model.neurons_per_layer() == [16, 16] and sum(model.heads_per_layer()) < 12
+    assert result["after"]["flops"] <= result["budget"]
+    with pytest.raises(ValueError, match=r"keeps the neurons it may not prune \(heads only\)"):
+        apply_gradnas(model, constraints={"flops": "30%"}, seq_len=SEQ, scores=compute_scores(model, method="random"),
+                      prune="heads")  # above the floor (every unit gone), below it with the FFN whole
+    with pytest.raises(ValueError, match="prune entries"):
+        apply_gradnas(model, constraints={"flops": "90%"}, seq_len=SEQ, scores=scores, prune=("layers",))
+
+
 def test_llama_fisher_scores_and_refit(mode):
     ms.set_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=48, intermediate_size=16, num_hidden_layers=2,
@@ -252,7 +267,8 @@ def test_llama_fisher_scores_and_refit(mode):
     result = apply_gradnas(model, LMLoss(model), gpt2_batches(2), constraints={"flops": "90%"}, seq_len=SEQ,
                            refit=True)
     assert result["scores"].method == "fisher" and all(h.sum() > 0 for h in result["scores"].heads)
-    assert sum(model.heads_per_layer()) < 12 and result["after"]["flops"] <= result["budget"]
+    assert sum(model.heads_per_layer()) + sum(model.neurons_per_layer()) < 12 + 32  # SwiGLU neurons count too
+    assert model.neurons_per_layer() == result["neurons_per_layer"] and result["after"]["flops"] <= result["budget"]
 
 
 def test_unsatisfiable_budget_names_the_reachable_range():

@@ -198,6 +198,57 @@ def saved_shapes(directory):
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
+FFN_PRUNING = {0: list(range(0, 48, 3)), 1: list(range(48))}  # layer 1 keeps no neuron
+
+
+def zeroed_neurons_logits(variant, pruning):
+    dense = LlamaForCausalLM.from_pretrained(fixture(variant))
+    for layer, neurons in pruning.items():
+        down = dense.ffn_layers()[layer].down_proj
+        weight = down.weight.asnumpy().copy()
+        weight[:, neurons] = 0.0
+        down.weight.set_data(Tensor(weight))
+    return forward(dense)
+
+
+@pytest.mark.parametrize("variant", ["tied", "untied"])
+def test_swiglu_neurons_pruned_equal_zeroed_neurons(mode, variant):
+    """gate_proj and up_proj rows and down_proj columns go together; the pruned model computes what
+    the dense one computes with those down_proj columns zeroed (silu(0) * 0 = 0 either way)."""
+    model = LlamaForCausalLM.from_pretrained(fixture(variant))
+    expected = zeroed_neurons_logits(variant, FFN_PRUNING)
+    forward(model)
+    model.prune_ffn_neurons(FFN_PRUNING)
+    assert model.neurons_per_layer() == [32, 0] and model.config.pruned_ffn_neurons[1] == list(range(48))
+    mlp = model.ffn_layers()[0]
+    assert tuple(mlp.gate_proj.weight.shape) == tuple(mlp.up_proj.weight.shape) == (32, 32)
+    assert tuple(mlp.down_proj.weight.shape) == (32, 32)
+    diff = float(np.abs(forward(model)[VALID] - expected[VALID]).max())
+    assert diff <= ATOL, diff
+
+
+@pytest.mark.parametrize("variant", ["tied", "untied"])
+def test_pruned_ffn_and_heads_save_reload_and_export_dense(pynative_llama, tmp_path, variant):
+    model = LlamaForCausalLM.from_pretrained(fixture(variant))
+    model.prune_heads(PRUNINGS["pruned"])
+    model.prune_ffn_neurons(FFN_PRUNING)
+    before = forward(model)
+    model.save_pretrained(str(tmp_path / "compact"))
+    shapes = saved_shapes(str(tmp_path / "compact"))
+    assert shapes["model.layers.1.mlp.gate_proj.weight"] == (0, 32)
+    assert shapes["model.layers.1.mlp.down_proj.weight"] == (32, 0)
+    reloaded = LlamaForCausalLM.from_pretrained(str(tmp_path / "compact"))
+    assert reloaded.neurons_per_layer() == [32, 0] and reloaded.heads_per_layer() == [2, 2]
+    np.testing.assert_array_equal(forward(reloaded), before)
+    model.export_hf_dense(str(tmp_path / "dense"))
+    with open(tmp_path / "dense" / "config.json") as f:
+        config = json.load(f)
+    assert "pruned_heads" not in config and "pruned_ffn_neurons" not in config
+    dense = LlamaForCausalLM.from_pretrained(str(tmp_path / "dense"))
+    assert dense.neurons_per_layer() == [48, 48] and dense.heads_per_layer() == [4, 4]
+    np.testing.assert_allclose(forward(dense)[VALID], before[VALID], atol=ATOL)
+
+
 @pytest.mark.parametrize("variant", ["tied", "untied"])
 def test_pruned_save_load_round_trip(pynative_llama, tmp_path, variant):
     model = LlamaForCausalLM.from_pretrained(fixture(variant))
@@ -292,9 +343,9 @@ class LMLossNet(ms.nn.Cell):
 
 
 def test_gradnas_prunes_llama_heads_through_the_protocol(mode):
-    """GradNAS on grouped-query attention: heads only (no FFN declared), the budget met; a
-    key/value head goes with the last query head of its group, which the cost model accounts for
-    (apply_gradnas checks predicted == measured)."""
+    """GradNAS on grouped-query attention and the SwiGLU FFN, the budget met; a key/value head goes
+    with the last query head of its group, which the cost model accounts for (apply_gradnas checks
+    predicted == measured)."""
     from ms_prune.gradnas import apply_gradnas
     model = LlamaForCausalLM.from_pretrained(fixture("untied"))
     rng = np.random.default_rng(0)
@@ -302,7 +353,8 @@ def test_gradnas_prunes_llama_heads_through_the_protocol(mode):
                (rng.integers(0, 100, (2, 9)).astype(np.int32) for _ in range(2))]
     before = model.forward_flops(8)
     result = apply_gradnas(model, LMLossNet(model), batches, constraints={"flops": "90%"}, seq_len=8)
-    assert result["neurons_per_layer"] == [] and sum(result["heads_per_layer"]) < 8
+    assert sum(result["heads_per_layer"]) + sum(result["neurons_per_layer"]) < 8 + 2 * 48
+    assert model.neurons_per_layer() == result["neurons_per_layer"]
     assert model.forward_flops(8) <= result["budget"] <= 0.9 * before
     assert model.heads_per_layer() == result["heads_per_layer"]
     assert forward(model).shape == (2, 9, model.config.vocab_size)

@@ -191,6 +191,11 @@ def _describe(value):
     return f"a {type(value).__name__}"
 
 
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def _shapes(arrays):
     return ", ".join(f"{tuple(x.shape)} {x.dtype}" for x in arrays) or "none"
 
@@ -503,14 +508,14 @@ class Trainer:
             outputs = self.state.model(*inputs)
         except Exception as error:  # noqa: BLE001 - any failure of the user's model is reported
             return ValueError(f"Trainer: the first step failed in the model: {name} fails on the batch's inputs "
-                              f"({_shapes(inputs)}): {str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+                              f"({_shapes(inputs)}): {_first_line(error)}")
         try:
             self.loss_fn(outputs, *targets)
         except Exception as error:  # noqa: BLE001
             shown = _shapes(outputs if isinstance(outputs, tuple) else (outputs,))
             return ValueError(f"Trainer: the first step failed in loss_fn: it fails on the model's outputs ({shown}) "
                               f"and the batch's targets ({_shapes(targets)}); check the targets' shapes: "
-                              f"{str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__}")
+                              f"{_first_line(error)}")
         return None
 
     def _end_epoch(self):

@@ -21,6 +21,7 @@ from . import masks as _masks
 from .selection import METRICS, parse_constraints, select
 
 METHODS = ("fisher", "abs_grad", "magnitude", "random")
+UNIT_KINDS = ("heads", "neurons")
 GRADIENT_METHODS = ("fisher", "abs_grad")
 KINDS = ("head", "neuron")
 
@@ -330,7 +331,7 @@ def resolve_budget(owner, model, constraints, seq_len):
 
 def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector="global", seq_len=None,
                   refit=False, method="fisher", scores=None, num_batches=None, refit_batches=None, seed=0,
-                  heads_kept=None):
+                  heads_kept=None, prune=("heads", "neurons")):
     """Prune ``model``'s heads and FFN neurons in place to meet ``constraints`` and return what
     was done (a dict).
 
@@ -354,6 +355,11 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
     check_bool(owner, "refit", refit)
     check_choice(owner, "selector", selector, ("global", "bisect"))
     check_int(owner, "heads_kept", heads_kept, minimum=0, allow_none=True)
+    prune = (prune,) if isinstance(prune, str) else tuple(prune)
+    for kind in prune:
+        check_choice(owner, "prune entries", kind, UNIT_KINDS)
+    if not prune:
+        raise ValueError(f"{owner}: prune must name at least one of {UNIT_KINDS}, got ()")
     if heads_kept is not None and selector != "global":
         raise ValueError(f"{owner}: heads_kept needs selector='global', got selector={selector!r}")
     if seq_len is not None:
@@ -371,18 +377,23 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
         raise ValueError(f"{owner}: heads_kept={heads_kept}, but the model has {int((table[:, 0] == 0).sum())} heads")
     model_adapter = protocol.adapter(model)
     # a model whose layers cannot lose every unit keeps each layer's best head (and neuron)
-    forced = np.zeros(len(values), bool)
+    # the unit kinds not in ``prune`` stay whole; their cost is part of what the budget must hold
+    forced = np.isin(table[:, 0], [kind for kind, name in enumerate(UNIT_KINDS) if name not in prune])
     if not model_adapter.empty_layers_allowed:
         for group in np.unique(table[:, 1]):
             members = np.flatnonzero(table[:, 1] == group)
             forced[members[np.argmax(values[members])]] = True
     room = budget - cost_model.base - int(costs[forced].sum())
-    if room < 0 and model_adapter.empty_layers_allowed:
-        room = 0  # below base only by emptying layers, whose key/value heads go with them (down to floor)
+    # below base only by emptying layers, whose key/value heads go with them (down to floor)
+    smallest = (cost_model.floor if model_adapter.empty_layers_allowed else cost_model.base) + int(costs[forced].sum())
+    if room < 0 and budget >= smallest:
+        room = 0
     if room < 0:
+        kept = [f"the {kind} it may not prune ({', '.join(prune)} only)" for kind in UNIT_KINDS if kind not in prune]
+        if not model_adapter.empty_layers_allowed:
+            kept.append("at least one head and one FFN neuron per layer (its adapter's empty_layers_allowed is False)")
         raise ValueError(f"{owner}: constraints={constraints!r} asks for {metric} <= {budget:,}, but this model keeps "
-                         f"at least one head and one FFN neuron per layer (its adapter's empty_layers_allowed is "
-                         f"False): the smallest reachable {metric} is {cost_model.base + int(costs[forced].sum()):,}")
+                         f"{' and '.join(kept)}: the smallest reachable {metric} is {smallest:,}")
     forced_heads = int((forced & (table[:, 0] == 0)).sum())
     if heads_kept is not None and heads_kept < forced_heads:
         raise ValueError(f"{owner}: heads_kept={heads_kept}, but this model keeps at least one head per layer "
