@@ -12,6 +12,9 @@
   parameter budget.
 * ``ms_prune.token_drop``: random layer-wise token dropping (random-LTD).
 * ``ms_prune.layer_drop``: progressive layer dropping (PLD).
+* ``ms_prune.prune`` (``ms_prune.structured``): one call that prunes heads (by key/value group) and
+  FFN neurons of any protocol model to a budget or a target shape, by activation, FLAP, GradNAS,
+  magnitude or random scores.
 """
 import importlib.util
 import os
@@ -41,3 +44,11 @@ def _attach_source_model_zoo():
 
 
 _attach_source_model_zoo()
+
+
+def __getattr__(name):
+    # ``ms_prune.prune`` without importing MindSpore for a bare ``import ms_prune``
+    if name == "prune":
+        from ms_prune.structured import prune  # pylint: disable=import-outside-toplevel
+        return prune
+    raise AttributeError(f"module 'ms_prune' has no attribute {name!r}")

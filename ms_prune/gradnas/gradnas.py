@@ -61,7 +61,7 @@ class GradNASScores:
                    values["method"], values["num_batches"], values["seconds"])
 
     def check_matches(self, model, owner):
-        heads, neurons = _model_units(model)
+        heads, neurons = model_units(model)
         if heads != self.kept_heads or neurons != self.kept_neurons:
             raise ValueError(f"{owner}: these scores were computed for a model with heads per layer "
                              f"{[len(k) for k in self.kept_heads]} and neurons per layer "
@@ -69,7 +69,7 @@ class GradNASScores:
                              f"and {[len(k) for k in neurons]} (or other unit numbers): score it again")
 
 
-def _model_units(model):
+def model_units(model):
     """Original numbers of the current heads and FFN neurons per layer (no neurons: a model that
     declares no prunable FFN)."""
     model_adapter = protocol.adapter(model)
@@ -77,12 +77,12 @@ def _model_units(model):
     return [a.kept for a in attentions], [f.kept for f in ffns] if ffns is not None else [[] for _ in attentions]
 
 
-def _as_batch(batch):
+def as_batch(batch):
     items = batch if isinstance(batch, (tuple, list)) else (batch,)
     return [item if isinstance(item, Tensor) else Tensor(np.asarray(item)) for item in items]
 
 
-def _take(owner, batches, num_batches):
+def take_batches(owner, batches, num_batches):
     """The first ``num_batches`` batches (all when None) as a list: an iterator is read once."""
     check_int(owner, "num_batches", num_batches, minimum=1, allow_none=True)
     if batches is None:
@@ -105,7 +105,7 @@ def _remember_probe(model, loss_net, batch):
     protocol.remember_inputs(model, items[:count] if len(items) > 1 else items)
 
 
-class _EvalMode:
+class eval_mode:  # pylint: disable=invalid-name  (used as a context manager, like a function)
     """Scores and captures without dropout noise; the caller's train/eval flags come back."""
 
     def __init__(self, *cells):
@@ -126,9 +126,9 @@ def _gradient_scores(model, loss_net, batches, absolute):
     cells = [c for c in head_masks + neuron_masks if c is not None]
     try:
         step = _masks.compiled(_masks.ScoreStep(loss_net, [c.mask for c in cells], absolute=absolute))
-        with _EvalMode(loss_net, model):
+        with eval_mode(loss_net, model):
             for batch in batches:
-                step(*_as_batch(batch))
+                step(*as_batch(batch))
         flat = np.concatenate([s.asnumpy().ravel() for s in step.scores]) if cells else np.zeros((0,))
     finally:
         _masks.detach(model)
@@ -138,7 +138,7 @@ def _gradient_scores(model, loss_net, batches, absolute):
     return pieces[:len(head_masks)], pieces[len(head_masks):]
 
 
-def _out_slices(model):
+def output_slices(model):
     """Per layer: the output-projection slice of every head (heads, head_dim, hidden) and the
     output-projection row of every neuron (neurons, hidden), as what each unit writes."""
     model_adapter = protocol.adapter(model)
@@ -174,16 +174,16 @@ def compute_scores(model, loss_net=None, batches=None, method="fisher", num_batc
     """
     owner = "compute_scores"
     check_choice(owner, "method", method, METHODS)
-    kept_heads, kept_neurons = _model_units(model)
+    kept_heads, kept_neurons = model_units(model)
     start, count = time.perf_counter(), 0
     if method in GRADIENT_METHODS:
         check_instance(owner, "loss_net", loss_net, nn.Cell)
-        taken = _take(owner, batches, num_batches)
+        taken = take_batches(owner, batches, num_batches)
         _remember_probe(model, loss_net, taken[0])
         heads, neurons = _gradient_scores(model, loss_net, taken, absolute=method == "abs_grad")
         count = len(taken)
     elif method == "magnitude":
-        head_slices, neuron_rows = _out_slices(model)
+        head_slices, neuron_rows = output_slices(model)
         heads = [np.square(s).sum(axis=(1, 2)) for s in head_slices]
         neurons = [np.square(r).sum(axis=1) for r in neuron_rows]
     else:
@@ -202,15 +202,15 @@ def compute_scores(model, loss_net=None, batches=None, method="fisher", num_batc
 def _contribution_grams(model, loss_net, batches):
     """Per layer, the Gram matrices of the units' contributions to the attention output and to
     the FFN output over all tokens of ``batches``, from one forward graph with capture Cells."""
-    head_slices, neuron_rows = _out_slices(model)
+    head_slices, neuron_rows = output_slices(model)
     head_cells, neuron_cells = _masks.attach(
         model, lambda layer, _: _masks.HeadGram(head_slices[layer]),
         lambda _, ffn: _masks.NeuronGram(ffn.num_neurons))
     try:
         forward = _masks.compiled(_masks.Forward(loss_net))
-        with _EvalMode(loss_net, model):
+        with eval_mode(loss_net, model):
             for batch in batches:
-                forward(*_as_batch(batch))
+                forward(*as_batch(batch))
         heads = [None if c is None else c.gram.asnumpy().astype(np.float64) for c in head_cells]
         neurons = [None if c is None else c.gram.asnumpy().astype(np.float64) * (rows @ rows.T)
                    for c, rows in zip(neuron_cells, [r.astype(np.float64) for r in neuron_rows])]
@@ -331,7 +331,7 @@ def resolve_budget(owner, model, constraints, seq_len):
 
 def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector="global", seq_len=None,
                   refit=False, method="fisher", scores=None, num_batches=None, refit_batches=None, seed=0,
-                  heads_kept=None, prune=("heads", "neurons")):
+                  heads_kept=None, prune=("heads", "neurons"), allow_empty_layers=None):
     """Prune ``model``'s heads and FFN neurons in place to meet ``constraints`` and return what
     was done (a dict).
 
@@ -347,8 +347,10 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
     projections. ``heads_kept`` (selector 'global'): keep exactly that many heads (the best by
     score) and spend the rest of the budget on neurons, e.g. another method's split (its result's
     ``heads_kept``) so that baselines whose head and neuron scores are on different scales
-    (magnitude, random) are compared at the same mix. Build train steps and optimizers after this
-    call (the model's Cells change).
+    (magnitude, random) are compared at the same mix. ``prune``: the unit kinds it may remove
+    ('heads', 'neurons'); the others stay whole. ``allow_empty_layers``: False keeps at least one
+    head and one neuron in every layer (default: what the model's adapter allows). Build train steps
+    and optimizers after this call (the model's Cells change).
     """
     owner = "apply_gradnas"
     metric = parse_constraints(owner, constraints, seq_len)[0]
@@ -360,6 +362,10 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
         check_choice(owner, "prune entries", kind, UNIT_KINDS)
     if not prune:
         raise ValueError(f"{owner}: prune must name at least one of {UNIT_KINDS}, got ()")
+    model_adapter = protocol.adapter(model)
+    # whether a layer may lose every head (and every neuron): the model's own say by default
+    allow_empty = model_adapter.empty_layers_allowed if allow_empty_layers is None else \
+        check_bool(owner, "allow_empty_layers", allow_empty_layers) and model_adapter.empty_layers_allowed
     if heads_kept is not None and selector != "global":
         raise ValueError(f"{owner}: heads_kept needs selector='global', got selector={selector!r}")
     if seq_len is not None:
@@ -368,30 +374,30 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
     cost_model, budget = resolve_budget(owner, model, constraints, seq_len)
     if scores is None:
         if method in GRADIENT_METHODS or refit:
-            batches = _take(owner, batches, num_batches)
+            batches = take_batches(owner, batches, num_batches)
         scores = compute_scores(model, loss_net, batches, method=method, seed=seed)
     check_instance(owner, "scores", scores, GradNASScores)
     scores.check_matches(model, owner)
     values, costs, table = _units(scores, cost_model)
     if heads_kept is not None and heads_kept > int((table[:, 0] == 0).sum()):
         raise ValueError(f"{owner}: heads_kept={heads_kept}, but the model has {int((table[:, 0] == 0).sum())} heads")
-    model_adapter = protocol.adapter(model)
-    # a model whose layers cannot lose every unit keeps each layer's best head (and neuron)
+    # a model whose layers may not lose every unit keeps each layer's best head (and neuron)
     # the unit kinds not in ``prune`` stay whole; their cost is part of what the budget must hold
     forced = np.isin(table[:, 0], [kind for kind, name in enumerate(UNIT_KINDS) if name not in prune])
-    if not model_adapter.empty_layers_allowed:
+    if not allow_empty:
         for group in np.unique(table[:, 1]):
             members = np.flatnonzero(table[:, 1] == group)
             forced[members[np.argmax(values[members])]] = True
     room = budget - cost_model.base - int(costs[forced].sum())
     # below base only by emptying layers, whose key/value heads go with them (down to floor)
-    smallest = (cost_model.floor if model_adapter.empty_layers_allowed else cost_model.base) + int(costs[forced].sum())
+    smallest = (cost_model.floor if allow_empty else cost_model.base) + int(costs[forced].sum())
     if room < 0 and budget >= smallest:
         room = 0
     if room < 0:
         kept = [f"the {kind} it may not prune ({', '.join(prune)} only)" for kind in UNIT_KINDS if kind not in prune]
-        if not model_adapter.empty_layers_allowed:
-            kept.append("at least one head and one FFN neuron per layer (its adapter's empty_layers_allowed is False)")
+        if not allow_empty:
+            kept.append("at least one head and one FFN neuron per layer (allow_empty_layers=False, or its adapter's "
+                        "empty_layers_allowed is False)")
         raise ValueError(f"{owner}: constraints={constraints!r} asks for {metric} <= {budget:,}, but this model keeps "
                          f"{' and '.join(kept)}: the smallest reachable {metric} is {smallest:,}")
     forced_heads = int((forced & (table[:, 0] == 0)).sum())
@@ -408,7 +414,7 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
 
     attentions, ffns = model_adapter.attentions(), model_adapter.ffns() or []
     keep_heads = [_equal_groups(keep[(table[:, 0] == 0) & (table[:, 2] == layer)], scores.heads[layer], attention,
-                                model_adapter.empty_layers_allowed)
+                                allow_empty)
                   for layer, attention in enumerate(attentions)]
     keep_neurons = [keep[(table[:, 0] == 1) & (table[:, 2] == layer)] for layer in range(len(ffns))]
     refit_report = None
@@ -416,7 +422,7 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
         if refit_batches is None:
             refit_batches = batches
         check_instance(owner, "loss_net", loss_net, nn.Cell)
-        refit_report = _refit(model, loss_net, _take(owner, refit_batches, None), keep_heads, keep_neurons)
+        refit_report = _refit(model, loss_net, take_batches(owner, refit_batches, None), keep_heads, keep_neurons)
     pruned_heads = {layer: [a.kept[p] for p in np.flatnonzero(~k)]
                     for layer, (a, k) in enumerate(zip(attentions, keep_heads)) if (~k).any()}
     pruned_neurons = {layer: [f.kept[p] for p in np.flatnonzero(~k)]

@@ -1,0 +1,154 @@
+"""``ms_prune.prune``: activation and FLAP scores against a numpy count of the same activations,
+budgets met exactly-or-under with equal key/value groups, uniform and target shapes, our Llama and a
+foreign grouped-query decoder, both modes."""
+import numpy as np
+import pytest
+import mindspore as ms
+from mindspore import Tensor, nn
+
+import ms_prune
+from ms_prune import protocol
+from ms_prune.models.llama import LlamaConfig, LlamaForCausalLM
+from ms_prune.structured import activation_scores, score_units
+
+from test_surgery import qwen
+
+VOCAB, SEQ = 40, 8
+
+
+def llama(seed=0, **changes):
+    ms.set_seed(seed)
+    config = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config.update(changes)
+    return LlamaForCausalLM(LlamaConfig(**config))
+
+
+def calibration(count=2, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, VOCAB, (2, SEQ)).astype(np.int32),) for _ in range(count)]
+
+
+class Recorder(nn.Cell):
+    """PyNative only: keeps what flows into an output projection, to count the scores in numpy."""
+
+    def __init__(self, store):
+        super().__init__()
+        self.store = store
+
+    def construct(self, x):
+        self.store.append(x.asnumpy().reshape(-1, x.shape[-2], x.shape[-1]).astype(np.float64))
+        return x
+
+
+def recorded(model, data):
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    per_layer = {"head": [], "neuron": []}
+    for kind, chunks in per_layer.items():
+        def make(layer, _, chunks=chunks):
+            chunks.append([])
+            return Recorder(chunks[-1])
+        protocol.attach_gates(model, kind, make)
+    model.set_train(False)
+    for (ids,) in data:
+        model(Tensor(ids))
+    protocol.detach_gates(model, "head")
+    protocol.detach_gates(model, "neuron")
+    return {kind: [np.concatenate(chunks) for chunks in per_layer[kind]] for kind in per_layer}
+
+
+def test_activation_and_flap_scores_equal_a_numpy_count(mode):
+    model, data = llama(), calibration()
+    scores = {method: activation_scores(model, data, method) for method in ("activation", "flap")}
+    x = recorded(model, data)  # per layer (tokens, units, width)
+    for layer in range(2):
+        heads, neurons = x["head"][layer], x["neuron"][layer]
+        np.testing.assert_allclose(scores["activation"].heads[layer], (heads ** 2).mean(0).sum(1), rtol=1e-4)
+        np.testing.assert_allclose(scores["activation"].neurons[layer], (neurons ** 2).mean(0)[:, 0], rtol=1e-4)
+        o_proj = model.attention_layers()[layer].o_proj.weight.asnumpy().astype(np.float64)  # (out, in)
+        column_norms = (o_proj ** 2).sum(0).reshape(4, -1)
+        np.testing.assert_allclose(scores["flap"].heads[layer], (heads.var(0) * column_norms).sum(1), rtol=1e-3)
+        down = model.ffn_layers()[layer].down_proj.weight.asnumpy().astype(np.float64)
+        np.testing.assert_allclose(scores["flap"].neurons[layer], neurons.var(0)[:, 0] * (down ** 2).sum(0), rtol=1e-3)
+    assert scores["flap"].num_batches == 2
+
+
+@pytest.mark.parametrize("method", ["activation", "flap", "magnitude"])
+def test_a_parameter_budget_is_met_with_equal_groups(mode, method):
+    model, data = llama(), calibration()
+    before = model(Tensor(data[0][0])).asnumpy()
+    report = ms_prune.prune(model, {"params": "85%"}, data, method=method, verbose=False)
+    assert report.params_ratio <= 0.85 and report["params_after"] == model.num_parameters()
+    assert report.params_after < report.params_before and report.flops_ratio < 1.0 and report.seq_len == SEQ
+    for attention in model.attention_layers():
+        assert attention.num_heads >= 1 and attention.num_heads % attention.num_kv_heads == 0
+    assert min(model.neurons_per_layer()) >= 1  # no layer emptied unless allowed
+    after = model(Tensor(data[0][0])).asnumpy()
+    assert after.shape == before.shape and np.all(np.isfinite(after))
+
+
+def test_uniform_pruning_gives_one_shape_in_every_layer(mode):
+    model, data = llama(num_hidden_layers=3), calibration()
+    report = ms_prune.prune(model, {"flops": "70%"}, data, uniform=True, verbose=False)
+    assert report.flops_ratio <= 0.70
+    assert len(set(report.heads_per_layer)) == len(set(report.kv_heads_per_layer)) == 1
+    assert len(set(report.neurons_per_layer)) == 1 and report.neurons_per_layer[0] < 24
+
+
+def test_a_target_shape(mode):
+    model, data = llama(), calibration()
+    report = ms_prune.prune(model, {"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 10},
+                            data, method="flap", verbose=False)
+    assert report.heads_per_layer == [2, 2] and report.kv_heads_per_layer == [1, 1]
+    assert report.neurons_per_layer == [10, 10] and model.neurons_per_layer() == [10, 10]
+    assert all(a.num_kv_heads == 1 for a in model.attention_layers())
+
+
+def test_a_foreign_grouped_query_model(mode):
+    model = qwen()
+    data = [(np.random.default_rng(i).integers(0, 40, (2, 6)).astype(np.int32),) for i in range(2)]
+    report = ms_prune.prune(model, {"flops": "60%"}, data, method="flap", verbose=False)
+    assert report.flops_ratio <= 0.6 and report.seq_len == 6
+    for layer in model.layers:
+        cell = layer.self_attn
+        assert cell.num_heads == cell.num_key_value_heads * cell.num_key_value_groups >= 1
+
+
+def test_scores_reused_for_several_copies_give_the_same_result():
+    data = calibration()
+    scores = score_units(llama(), "activation", data)
+    first, second = llama(), llama()
+    ms_prune.prune(first, {"params": "80%"}, scores=scores, method="activation", seq_len=SEQ, verbose=False)
+    ms_prune.prune(second, {"params": "80%"}, scores=scores, method="activation", seq_len=SEQ, verbose=False)
+    assert first.heads_per_layer() == second.heads_per_layer()
+    assert first.neurons_per_layer() == second.neurons_per_layer()
+
+
+def test_the_report_prints_a_table(capsys):
+    model = llama()
+    report = ms_prune.prune(model, {"params": "90%"}, method="random", seq_len=SEQ)
+    printed = capsys.readouterr().out
+    assert "kv heads" in printed and f"x{report.params_ratio:.3f}" in printed and "FLOPs/sequence" in printed
+    assert report.pruned_heads or report.pruned_neurons
+
+
+@pytest.mark.parametrize("constraints, match", [
+    ({"hidden_size": 16}, "hidden-size"),
+    ({"num_hidden_layers": 1}, "depth"),
+    ({"params": "80%", "intermediate_size": 8}, "not both"),
+    ({"num_attention_heads": 3}, "equal groups"),
+    ({"params": "1%"}, "reachable"),
+    ({"intermediate_size": 99}, "intermediate_size must be in 1..24"),
+])
+def test_bad_constraints_are_named(constraints, match):
+    with pytest.raises(ValueError, match=match):
+        ms_prune.prune(llama(), constraints, method="random", seq_len=SEQ, verbose=False)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="method"):
+        ms_prune.prune(llama(), {"params": "80%"}, method="taylor", seq_len=SEQ)
+    with pytest.raises(ValueError, match="batches"):
+        ms_prune.prune(llama(), {"params": "80%"}, method="activation", seq_len=SEQ)
+    with pytest.raises(ValueError, match="units entries"):
+        ms_prune.prune(llama(), {"params": "80%"}, method="random", units=("layers",), seq_len=SEQ)
