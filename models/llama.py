@@ -248,6 +248,22 @@ class LlamaPreTrainedCell(PreTrainedCell):
     def _hidden_size(self):
         return self.config.hidden_size
 
+    def standard_config(self):
+        """A plain ``LlamaConfig`` of this model's shape (``head_dim`` explicit, no pruning records),
+        for a model whose layers all keep the same query heads, key/value heads and FFN width: what
+        uniform pruning (``ms_prune.prune(..., uniform=True)`` or a target shape) gives. The kept
+        heads are already in the order a standard layout reads them (each key/value group's query
+        heads side by side)."""
+        attentions = self.attention_layers()
+        shapes = [(a.num_heads, a.num_kv_heads, f.num_neurons) for a, f in zip(attentions, self.ffn_layers())]
+        if len(set(shapes)) != 1 or min(min(s) for s in shapes) == 0:
+            raise ValueError(f"{type(self).__name__}.standard_config: a standard config has one shape for every layer "
+                             f"and at least one head and neuron; (query heads, key/value heads, FFN width) per layer "
+                             f"are {shapes}: save_pretrained() without standard=True keeps per-layer shapes")
+        heads, kv_heads, width = shapes[0]
+        return self.config.copy(num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=width,
+                                head_dim=self.config.head_size, pruned_heads={}, pruned_ffn_neurons={})
+
     def _prunable_units(self):
         """Query heads (their ``q_proj`` rows and ``o_proj`` columns), key/value heads (``k_proj``
         and ``v_proj`` rows) and FFN neurons: what ``export_hf_dense`` re-inflates with zeros."""

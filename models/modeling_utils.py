@@ -600,14 +600,25 @@ class PreTrainedCell(nn.Cell):
         """The model width (the other axis of a unit's 2-D tensors)."""
         raise NotImplementedError
 
-    def save_pretrained(self, directory):
+    def save_pretrained(self, directory, standard=False):
         """Write ``config.json`` + ``model.safetensors`` in our compact layout: pruned tensors keep
         their pruned shapes and ``config.pruned_heads`` records what is gone, so
         ``from_pretrained`` rebuilds the same model (and transformers 4.x reads it, except BERT
-        layers left with no head). For a checkpoint every transformers version loads, see
+        layers left with no head). ``standard=True``: a model pruned to one shape in every layer is
+        written as the plain model of that shape (``standard_config``), which any loader reads as
+        an ordinary model. For a checkpoint every transformers version loads, see
         :meth:`export_hf_dense`."""
-        self.config.extra["architectures"] = [type(self).__name__]
-        self._write_checkpoint(directory, self.config, self.hf_state_dict())
+        config = self.standard_config() if standard else self.config
+        config.extra["architectures"] = [type(self).__name__]
+        self._write_checkpoint(directory, config, self.hf_state_dict())
+
+    def standard_config(self):
+        """The config of an unpruned model with this model's shapes (no pruning records), when
+        every layer has the same shape."""
+        raise NotImplementedError(
+            f"{type(self).__name__}.standard_config: its config cannot state a head size other than hidden size / "
+            f"heads, so a pruned model has no standard form; save_pretrained() writes the compact form (it "
+            f"reloads here) and export_hf_dense() the dense one (transformers loads it)")
 
     def export_hf_dense(self, directory):
         """Write a checkpoint in the UNPRUNED (dense) shapes of ``config``, with no

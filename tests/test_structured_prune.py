@@ -1,6 +1,8 @@
 """``ms_prune.prune``: activation and FLAP scores against a numpy count of the same activations,
 budgets met exactly-or-under with equal key/value groups, uniform and target shapes, our Llama and a
 foreign grouped-query decoder, both modes."""
+import json
+
 import numpy as np
 import pytest
 import mindspore as ms
@@ -8,6 +10,7 @@ from mindspore import Tensor, nn
 
 import ms_prune
 from ms_prune import protocol
+from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from ms_prune.models.llama import LlamaConfig, LlamaForCausalLM
 from ms_prune.structured import activation_scores, score_units
 
@@ -93,6 +96,30 @@ def test_uniform_pruning_gives_one_shape_in_every_layer(mode):
     assert report.flops_ratio <= 0.70
     assert len(set(report.heads_per_layer)) == len(set(report.kv_heads_per_layer)) == 1
     assert len(set(report.neurons_per_layer)) == 1 and report.neurons_per_layer[0] < 24
+
+
+def test_a_uniformly_pruned_llama_saves_as_a_standard_model(tmp_path):
+    model, data = llama(), calibration()
+    ms_prune.prune(model, {"num_attention_heads": 2, "num_key_value_heads": 1, "intermediate_size": 10}, data,
+                   verbose=False)
+    ids = Tensor(data[0][0])
+    model.set_train(False)
+    before = model(ids).asnumpy()
+    model.save_pretrained(str(tmp_path), standard=True)
+    with open(tmp_path / "config.json") as f:
+        config = json.load(f)
+    assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"],
+            config["head_dim"]) == (2, 1, 10, 8)
+    assert "pruned_heads" not in config and "pruned_ffn_neurons" not in config
+    reloaded = LlamaForCausalLM.from_pretrained(str(tmp_path))
+    assert reloaded.config.pruned_heads == {} and reloaded.heads_per_layer() == [2, 2]
+    reloaded.set_train(False)
+    np.testing.assert_allclose(reloaded(ids).asnumpy(), before, atol=1e-6)
+    model.prune_ffn_neurons({0: [model.ffn_layers()[0].kept_neurons[0]]})  # per-layer widths: no standard form
+    with pytest.raises(ValueError, match=r"one shape for every layer.*\(2, 1, 9\), \(2, 1, 10\)"):
+        model.save_pretrained(str(tmp_path / "again"), standard=True)
+    with pytest.raises(NotImplementedError, match="export_hf_dense"):
+        GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=1, n_head=2)).standard_config()
 
 
 def test_a_target_shape(mode):
