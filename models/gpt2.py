@@ -120,6 +120,8 @@ class GPT2PreTrainedCell(PreTrainedCell):
     def transformer_layers(self):
         return self._backbone().h
 
+    _num_layers_key = "n_layer"
+
     def ffn_layers(self):
         return [block.mlp for block in self.transformer_layers()]
 

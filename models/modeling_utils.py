@@ -691,6 +691,23 @@ class PreTrainedCell(nn.Cell):
     def heads_per_layer(self):
         return [attention.num_heads for attention in self.attention_layers()]
 
+    # the config key of the number of transformer layers
+    _num_layers_key = "num_hidden_layers"
+
+    def remove_layers(self, layer_ids):
+        """Remove whole transformer layers (depth pruning) by the protocol's surgery; the config's
+        layer count and per-layer pruning records follow, so a saved model reloads."""
+        return self.transformer_adapter().remove_layers(layer_ids)
+
+    def layers_removed(self, kept):
+        """The config after ``remove_layers``: ``kept`` (original numbers of the layers that stay)
+        become layers 0..n-1."""
+        setattr(self.config, self._num_layers_key, len(kept))
+        for key in self._pruning_records:
+            if key in self.config.defaults:
+                record = getattr(self.config, key)
+                setattr(self.config, key, {new: record[old] for new, old in enumerate(kept) if old in record})
+
     # ---- FFN neuron pruning -------------------------------------------------------------------
     def ffn_layers(self):
         """The ``NeuronPrunableFFN`` Cells (which neurons remain), in layer order."""
@@ -780,6 +797,9 @@ class PreTrainedAdapter(TransformerAdapter):
     def probe_inputs(self):
         recorded = super().probe_inputs()
         return recorded if recorded is not None else (np.zeros((1, 4), np.int32),)
+
+    def layers_removed(self, kept):
+        self.model.layers_removed(kept)
 
     def _prune_heads(self, heads_to_prune):
         return self.model.prune_heads(heads_to_prune)

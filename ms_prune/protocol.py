@@ -404,6 +404,32 @@ class TransformerAdapter:
         check_declaration(self.model, ("neurons",))
         return verified_surgery(self, "prune_ffn_neurons", lambda: self._prune_ffn_neurons(neurons_to_prune))
 
+    def remove_layers(self, layer_ids):
+        """Remove whole transformer layers (depth pruning): checked, verified by a probe forward, and
+        undone on failure as ``prune_heads``. The layers that stay are renumbered 0..n-1 (parameter
+        names follow); ``layers_removed`` then updates whatever the model keeps about its depth."""
+        layers = self.layers()
+        ids = sorted({int(i) for i in layer_ids})
+        bad = [i for i in ids if not 0 <= i < len(layers)]
+        if bad or isinstance(layer_ids, (str, bytes)):
+            raise ValueError(f"remove_layers: the model has layers 0..{len(layers) - 1}; {bad or layer_ids!r} are not "
+                             f"layer indices")
+        if len(ids) >= len(layers):
+            raise ValueError(f"remove_layers: removing {ids} would leave no transformer layer of {len(layers)}")
+        kept = [i for i in range(len(layers)) if i not in ids]
+
+        def change():
+            for i in reversed(ids):
+                del layers[i]
+            self.layers_removed(kept)
+            refresh(self.model)
+            return self.model
+        return verified_surgery(self, "remove_layers", change)
+
+    def layers_removed(self, kept):
+        """Called after ``remove_layers`` with the original numbers of the layers that stay: update
+        what the model keeps about its depth (a layer count, per-layer records). Default: nothing."""
+
     def _prune_heads(self, heads_to_prune):
         """The generic surgery: slices the declared projections (:func:`slice_heads`)."""
         attentions = self.attentions()

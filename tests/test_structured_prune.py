@@ -12,7 +12,7 @@ import ms_prune
 from ms_prune import protocol
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
 from ms_prune.models.llama import LlamaConfig, LlamaForCausalLM
-from ms_prune.structured import activation_scores, score_units
+from ms_prune.structured import activation_scores, layer_scores, score_units
 
 from test_surgery import qwen
 
@@ -161,7 +161,6 @@ def test_the_report_prints_a_table(capsys):
 
 @pytest.mark.parametrize("constraints, match", [
     ({"hidden_size": 16}, "hidden-size"),
-    ({"num_hidden_layers": 1}, "depth"),
     ({"params": "80%", "intermediate_size": 8}, "not both"),
     ({"num_attention_heads": 3}, "equal groups"),
     ({"params": "1%"}, "reachable"),
@@ -175,7 +174,105 @@ def test_bad_constraints_are_named(constraints, match):
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="method"):
         ms_prune.prune(llama(), {"params": "80%"}, method="taylor", seq_len=SEQ)
-    with pytest.raises(ValueError, match="batches"):
+    with pytest.raises(ValueError, match="method='activation' needs data: calibration batches of the model's inputs"):
         ms_prune.prune(llama(), {"params": "80%"}, method="activation", seq_len=SEQ)
+    with pytest.raises(ValueError, match="depth needs data"):
+        ms_prune.prune(llama(), {"num_hidden_layers": 1}, method="random", seq_len=SEQ)
     with pytest.raises(ValueError, match="units entries"):
-        ms_prune.prune(llama(), {"params": "80%"}, method="random", units=("layers",), seq_len=SEQ)
+        ms_prune.prune(llama(), {"params": "80%"}, method="random", units=("blocks",), seq_len=SEQ)
+
+
+# ---- depth ---------------------------------------------------------------------------------------
+class InOut(protocol.LayerWrapper):
+    """PyNative only: keeps a layer's input and output hidden states, to count block influence in numpy."""
+
+    def __init__(self, layer, store):
+        super().__init__(layer)
+        object.__setattr__(self, "store", store)
+
+    def construct(self, hidden, *args):
+        out = self.layer(hidden, *args)
+        self.store.append((hidden.asnumpy().reshape(-1, hidden.shape[-1]), out.asnumpy().reshape(-1, out.shape[-1])))
+        return out
+
+
+def test_block_influence_equals_a_numpy_count(mode):
+    model, data = llama(num_hidden_layers=3), calibration()
+    scores = layer_scores(model, data)
+    ms.set_context(mode=ms.PYNATIVE_MODE)
+    layers, stores = model.transformer_layers(), []
+    originals = [layers[i] for i in range(3)]
+    for i in range(3):
+        stores.append([])
+        layers[i] = InOut(originals[i], stores[-1])
+    protocol.refresh(model)
+    model.set_train(False)
+    for (ids,) in data:
+        model(Tensor(ids))
+    for i, store in enumerate(stores):
+        x = np.concatenate([a for a, _ in store]).astype(np.float64)
+        y = np.concatenate([b for _, b in store]).astype(np.float64)
+        cosine = (x * y).sum(1) / np.sqrt((x * x).sum(1) * (y * y).sum(1))
+        np.testing.assert_allclose(scores[i], 1.0 - cosine.mean(), rtol=1e-4, atol=1e-6)
+
+
+def test_removed_layers_compute_what_identity_layers_compute(mode, tmp_path):
+    """A pre-LN layer whose o_proj and down_proj are zero adds nothing: the model without it must
+    compute exactly that; the config's depth and per-layer records follow, and it reloads."""
+    data = calibration()
+    ids = Tensor(data[0][0])
+    reference = llama(num_hidden_layers=3)
+    for cell in (reference.attention_layers()[1].o_proj, reference.ffn_layers()[1].down_proj):
+        cell.weight.set_data(Tensor(np.zeros(cell.weight.shape, np.float32)))
+    reference.set_train(False)
+    expected = reference(ids).asnumpy()
+    model = llama(num_hidden_layers=3)
+    model.prune_heads({2: [0, 1]})
+    model.prune_ffn_neurons({0: [3]})
+    model.remove_layers([1])
+    assert model.config.num_hidden_layers == 2 and model.heads_per_layer() == [4, 2]
+    assert model.config.pruned_heads == {1: [0, 1]} and model.config.pruned_ffn_neurons == {0: [3]}
+    assert "model.layers.1.self_attn.q_proj.weight" in dict(model.parameters_and_names())
+    unpruned = llama(num_hidden_layers=3)
+    unpruned.remove_layers([1])
+    unpruned.set_train(False)
+    np.testing.assert_allclose(unpruned(ids).asnumpy(), expected, atol=1e-5)
+    model.save_pretrained(str(tmp_path))
+    reloaded = LlamaForCausalLM.from_pretrained(str(tmp_path))
+    model.set_train(False)
+    reloaded.set_train(False)
+    np.testing.assert_array_equal(reloaded(ids).asnumpy(), model(ids).asnumpy())
+    with pytest.raises(ValueError, match="would leave no transformer layer"):
+        model.remove_layers([0, 1])
+    with pytest.raises(ValueError, match="layers 0..1"):
+        model.remove_layers([5])
+
+
+def test_prune_to_a_depth_and_width_shape(mode):
+    model, data = llama(num_hidden_layers=3), calibration()
+    influence = layer_scores(model, data)
+    report = ms_prune.prune(model, {"num_hidden_layers": 2, "intermediate_size": 12}, data, verbose=False)
+    assert report.layers_removed == [int(np.argmin(influence))]
+    assert model.config.num_hidden_layers == 2 and report.neurons_per_layer == [12, 12]
+    assert report.params_ratio < 1.0
+
+
+def test_a_budget_met_by_removing_layers_alone(mode):
+    model, data = llama(num_hidden_layers=4), calibration()
+    report = ms_prune.prune(model, {"params": "90%"}, data, units=("layers",), verbose=False)
+    assert report.params_ratio <= 0.9 and len(report.layers_removed) >= 1
+    assert model.heads_per_layer() == [4] * (4 - len(report.layers_removed))
+    assert model.neurons_per_layer() == [24] * (4 - len(report.layers_removed))
+    with pytest.raises(ValueError, match="layers and width together"):
+        ms_prune.prune(llama(), {"params": "90%"}, data, units=("layers", "heads"))
+
+
+def test_gpt2_and_bert_count_their_layers_after_removal():
+    from ms_prune.models.bert import BertConfig, BertModel
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=16, n_layer=3, n_head=2))
+    gpt2.remove_layers([0, 2])
+    bert = BertModel(BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                intermediate_size=8, max_position_embeddings=16))
+    bert.remove_layers([1])
+    assert gpt2.config.n_layer == 1 and len(gpt2.transformer_layers()) == 1
+    assert bert.config.num_hidden_layers == 2 and len(bert.transformer_layers()) == 2

@@ -10,14 +10,16 @@ from ms_prune.gradnas.gradnas import (GradNASScores, UNIT_KINDS, apply_gradnas, 
                                       take_batches)
 from ms_prune.validation import check_bool, check_choice, check_instance, check_int
 
-from .scores import ACTIVATION_METHODS, activation_scores
+from .scores import ACTIVATION_METHODS, activation_scores, layer_scores
 
 __all__ = ["PruneReport", "prune", "score_units"]
 
 METHODS = ACTIVATION_METHODS + ("gradnas", "magnitude", "random")
-SHAPE_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
-# target-shape keys of the issue's design that need surgery ms_prune does not have yet
-NOT_YET = {"hidden_size": "hidden-size (embedding channel) pruning", "num_hidden_layers": "depth (layer) pruning"}
+SHAPE_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+WIDTH_KEYS = SHAPE_KEYS[1:]
+UNITS = UNIT_KINDS + ("layers",)
+# target-shape keys of the design that need surgery ms_prune does not have yet
+NOT_YET = {"hidden_size": "hidden-size (embedding channel) pruning"}
 
 
 def score_units(model, method, data=None, loss_net=None, num_batches=None, seed=0):
@@ -57,6 +59,9 @@ class PruneReport:
         if self.flops_before is not None:
             lines.append(f"FLOPs/sequence of {self.seq_len} tokens {self.flops_before:,} -> {self.flops_after:,} "
                          f"(x{self.flops_ratio:.3f})")
+        if self.layers_removed:
+            lines.append(f"layers removed (original numbers, least block influence first kept out): "
+                         f"{self.layers_removed}")
         lines.append(f"method {self.method}, {self.seconds:.1f} s (scoring {self.score_seconds:.1f} s)")
         return "\n".join(lines)
 
@@ -187,6 +192,32 @@ def _standardised(scores, cost_model):
                          scores.kept_heads, scores.kept_neurons, scores.method, scores.num_batches, scores.seconds)
 
 
+def _layers_to_remove(owner, model, influence, shape, constraints, seq_len):
+    """The layers of least block influence: as many as the target depth asks, or the fewest whose
+    removal brings the model within the budget."""
+    order = [int(i) for i in np.argsort(influence, kind="stable")]
+    if "num_hidden_layers" in shape:
+        target = shape["num_hidden_layers"]
+        if target > len(order):
+            raise ValueError(f"{owner}: constraints['num_hidden_layers']={target}, but the model has {len(order)} layers")
+        return sorted(order[:len(order) - target])
+    cost_model, budget = resolve_budget(owner, model, constraints, seq_len)
+    model_adapter = protocol.adapter(model)
+    layers = model_adapter.layers()
+    per_layer = [cost.layer_flops(layers[i], model_adapter.attention(i), seq_len) if cost_model.metric == "flops"
+                 else sum(int(np.prod(p.shape)) for p in layers[i].get_parameters()) for i in range(len(layers))]
+    spent, removed = cost_model.current, []
+    for i in order[:-1]:
+        if spent <= budget:
+            break
+        removed.append(i)
+        spent -= per_layer[i]
+    if spent > budget:
+        raise ValueError(f"{owner}: constraints={constraints!r}: removing every layer but one leaves "
+                         f"{cost_model.metric} {spent:,} > {budget:,}; prune width too")
+    return sorted(removed)
+
+
 def _seq_len(owner, seq_len, data):
     if seq_len is not None:
         return check_int(owner, "seq_len", seq_len, minimum=1)
@@ -203,9 +234,11 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
 
     ``constraints``: a budget, ``{"params": "75%"}`` or ``{"flops": "60%"}`` (FLOPs of one
     ``seq_len``-token sequence), a percentage of the model as passed or an absolute number, counting
-    every parameter (embeddings too); or a target shape for every layer, ``{"num_attention_heads":
-    6, "num_key_value_heads": 2, "intermediate_size": 1024}`` (any subset). A budget is met exactly
-    or under; an unreachable one names the reachable range.
+    every parameter (embeddings too); or a target shape, ``{"num_hidden_layers": 24,
+    "num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 1024}`` (any subset;
+    the layers go first, those of least block influence, then every remaining layer takes the
+    width). A budget is met exactly or under; an unreachable one names the reachable range. With
+    ``units=("layers",)`` a budget is met by removing layers alone (least block influence first).
 
     ``data``: calibration batches, read once (a list, or an iterator): the model's inputs for
     ``method`` 'activation' (Minitron's activation importance, the default) and 'flap' (FLAP's
@@ -217,7 +250,7 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
     model: ``LlamaForCausalLM.save_pretrained(..., standard=True)`` writes a plain Hugging Face
     config for it); else each layer keeps what the global ranking gives it (scores of heads and of
     neurons standardised per unit of cost, except GradNAS's, which share the loss's scale).
-    ``units``: the unit kinds it may remove. ``allow_empty_layers=False``: every layer keeps a head
+    ``units``: the unit kinds it may remove ('heads', 'neurons'; or 'layers' alone). ``allow_empty_layers=False``: every layer keeps a head
     and an FFN neuron. Heads go by key/value group: every layer keeps equal groups.
     ``verbose``: print the summary table.
     """
@@ -229,7 +262,12 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
     check_bool(owner, "allow_empty_layers", allow_empty_layers)
     units = (units,) if isinstance(units, str) else tuple(units)
     for kind in units:
-        check_choice(owner, "units entries", kind, UNIT_KINDS)
+        check_choice(owner, "units entries", kind, UNITS)
+    depth_budget = "layers" in units and not any(k in constraints for k in SHAPE_KEYS)
+    if depth_budget and len(units) > 1:
+        raise ValueError(f"{owner}: a budget over layers and width together is not built yet: prune depth "
+                         f"(units=('layers',)) and width (units=('heads', 'neurons')) in two calls, or give a "
+                         f"target shape; got units={units}")
     for key, what in NOT_YET.items():
         if key in constraints:
             raise ValueError(f"{owner}: constraints[{key!r}] asks for {what}, which ms_prune does not do yet; prune "
@@ -240,18 +278,38 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
                          f"shape ({', '.join(SHAPE_KEYS)}), not both: got {constraints!r}")
     for key, value in shape.items():
         check_int(owner, f"constraints[{key!r}]", value, minimum=1)
-    if method in ("activation", "flap", "gradnas") and scores is None:
+    depth = "num_hidden_layers" in shape or depth_budget
+    if data is None and (depth or (method != "random" and method != "magnitude" and scores is None)):
+        what = "depth needs data" if depth else f"method={method!r} needs data"
+        inputs = "the loss net's inputs" if method == "gradnas" and not depth else "the model's inputs"
+        raise ValueError(f"{owner}: {what}: calibration batches of {inputs} (a list of tuples of arrays), got None")
+    if (method in ("activation", "flap", "gradnas") and scores is None) or depth:
         data = take_batches(owner, data, num_batches)
+    if depth and scores is not None:
+        raise ValueError(f"{owner}: scores= were computed on the model before its layers are removed; leave them out "
+                         f"when pruning depth (they are computed after)")
     seq_len = _seq_len(owner, seq_len, data)
     params_before = cost.num_parameters(model)
     flops_before = cost.forward_flops(model, seq_len) if seq_len else None
-    if scores is None:
+    layers_removed, influence = [], None
+    if depth:
+        influence = layer_scores(model, data)
+        layers_removed = _layers_to_remove(owner, model, influence, shape, constraints, seq_len)
+        if layers_removed:
+            protocol.adapter(model).remove_layers(layers_removed)
+    if depth_budget or (shape and set(shape) == {"num_hidden_layers"}):
+        scores = None
+    elif scores is None:
         scores = score_units(model, method, data, loss_net, seed=seed)
-    check_instance(owner, "scores", scores, GradNASScores)
-    scores.check_matches(model, owner)
+    if scores is not None:
+        check_instance(owner, "scores", scores, GradNASScores)
+        scores.check_matches(model, owner)
     model_adapter = protocol.adapter(model)
-    if shape:
-        keep_heads, keep_neurons = _shape_plan(owner, model, scores, shape, units)
+    width_shape = {k: v for k, v in shape.items() if k in WIDTH_KEYS}
+    if scores is None:
+        keep_heads = keep_neurons = None
+    elif width_shape:
+        keep_heads, keep_neurons = _shape_plan(owner, model, scores, width_shape, units)
     elif uniform:
         cost_model, budget = resolve_budget(owner, model, constraints, seq_len)
         keep_heads, keep_neurons = _uniform_plan(owner, model, scores, cost_model.metric, budget, cost_model, units,
@@ -283,7 +341,9 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
             zip([a.total for a in model_adapter.attentions()], kept_heads)) if len(kept) < a_total},
         pruned_neurons={i: [n for n in range(f.total) if n not in kept] for i, (f, kept) in enumerate(
             zip(model_adapter.ffns() or [], kept_neurons)) if len(kept) < f.total},
-        score_seconds=scores.seconds, seconds=time.perf_counter() - started, scores=scores)
+        layers_removed=layers_removed, block_influence=None if influence is None else influence.tolist(),
+        score_seconds=scores.seconds if scores is not None else 0.0, seconds=time.perf_counter() - started,
+        scores=scores)
     if verbose:
         print(report.table(), flush=True)
     return report

@@ -6,6 +6,9 @@
 * ``"flap"`` (An et al., AAAI 2024): the fluctuation of each input channel of the output
   projection, its variance over the calibration tokens times the squared norm of the weights that
   read it; a head sums its channels'.
+* Layers: block influence (ShortGPT, Men et al. 2024; Gromov et al. 2024), 1 - the mean cosine
+  similarity of a layer's input and output hidden states over the calibration tokens: a layer that
+  barely turns its input matters least (``layer_scores``).
 
 Both come from one compiled forward per batch with capture Cells on the output projections' inputs
 (sums and sums of squares per channel accumulated in the graph, no host round-trip), summed over
@@ -17,10 +20,11 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
+from ms_prune import protocol
 from ms_prune.gradnas import masks as _masks
 from ms_prune.gradnas.gradnas import GradNASScores, as_batch, eval_mode, model_units, output_slices, take_batches
 
-__all__ = ["ACTIVATION_METHODS", "activation_scores"]
+__all__ = ["ACTIVATION_METHODS", "activation_scores", "layer_scores"]
 
 ACTIVATION_METHODS = ("activation", "flap")
 
@@ -104,3 +108,53 @@ def activation_scores(model, batches, method="activation", num_batches=None):
     if not neuron_moments:  # a model without prunable FFN neurons: none per layer
         neurons = [np.zeros(0) for _ in kept_neurons]
     return GradNASScores(heads, neurons, kept_heads, kept_neurons, method, len(taken), time.perf_counter() - start)
+
+
+class InfluenceProbe(protocol.LayerWrapper):
+    """Runs its layer and adds, over the tokens, the cosine similarity of the layer's input and output
+    hidden states (and the token count) into Parameters; returns what the layer returns."""
+
+    def __init__(self, layer, call):
+        super().__init__(layer)
+        self.hidden_key, self.tuple_output = call.hidden, call.outputs is not None
+        self.cosines = Parameter(Tensor(np.zeros((), np.float32)), name="influence_cosines", requires_grad=False)
+        self.tokens = Parameter(Tensor(np.zeros((), np.float32)), name="influence_tokens", requires_grad=False)
+
+    def construct(self, *args, **kwargs):
+        hidden = protocol.call_argument(args, kwargs, self.hidden_key)
+        outputs = self.layer(*args, **kwargs)
+        new = outputs[0] if self.tuple_output else outputs
+        x = hidden.reshape(-1, hidden.shape[-1]).astype(ms.float32)
+        y = new.reshape(-1, new.shape[-1]).astype(ms.float32)
+        cosine = (x * y).sum(-1) / ops.sqrt((x * x).sum(-1) * (y * y).sum(-1) + 1e-12)
+        new = ops.depend(new, ops.assign_add(self.cosines, cosine.sum()))
+        new = ops.depend(new, ops.assign_add(self.tokens, ops.ones((), ms.float32) * x.shape[0]))
+        if self.tuple_output:
+            return (new,) + tuple(outputs[1:])
+        return new
+
+
+def layer_scores(model, batches, num_batches=None):
+    """Block influence of every transformer layer (1 - mean cosine of its input and output hidden
+    states on ``batches`` of model inputs): a numpy vector, one score per layer, the smallest the
+    first to remove. One compiled forward per batch; summed over the workers under ``msrun``."""
+    taken = take_batches("layer_scores", batches, num_batches)
+    model_adapter = protocol.adapter(model)
+    layers = model_adapter.layers()
+    originals = [layers[i] for i in range(len(layers))]
+    probes = [InfluenceProbe(layer, model_adapter.layer_call) for layer in originals]
+    for i, probe in enumerate(probes):
+        layers[i] = probe
+    protocol.refresh(model)
+    try:
+        forward = _masks.compiled(_masks.Forward(model))
+        with eval_mode(model):
+            for batch in taken:
+                forward(*as_batch(batch))
+        sums = np.array([[float(p.cosines.asnumpy()), float(p.tokens.asnumpy())] for p in probes], np.float32)
+    finally:
+        for i, layer in enumerate(originals):
+            layers[i] = layer
+        protocol.refresh(model)
+    sums = _masks.all_reduce_sum(sums.ravel()).reshape(-1, 2).astype(np.float64)
+    return 1.0 - sums[:, 0] / np.maximum(sums[:, 1], 1.0)
