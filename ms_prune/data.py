@@ -64,6 +64,19 @@ def read_sst2(split, data_dir=None):
     return sentences, np.asarray(labels, np.int32)
 
 
+AUSTEN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
+
+
+def read_austen(data_dir=None):
+    """Jane Austen's six novels as one string (general English prose for calibration and
+    distillation; disjoint from WikiText-2, which stays for evaluation)."""
+    texts = []
+    for novel in AUSTEN_NOVELS:
+        with open(data_path("austen", novel + ".txt", data_dir=data_dir), encoding="utf-8") as f:
+            texts.append(f.read())
+    return "\n\n".join(texts)
+
+
 def read_wikitext2(split, data_dir=None):
     """WikiText-2 (the tokenised release: ``<unk>``, `` @-@ ``) as one string; split is 'valid'
     or 'test' (evaluation only: the training split is not in the shared data)."""

@@ -36,12 +36,12 @@ from mindspore import Tensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lrp_bert_sst2 import (accuracy, cross_entropy, fine_tuned_model, freeze, release_graph_memory,  # noqa: E402
-                           sst2_rows, train, train_batch_fn)
+from lrp_bert_sst2 import (accuracy, cross_entropy, fine_tuned_model, freeze, sst2_rows, train,  # noqa: E402
+                           train_batch_fn)
 from ms_prune.benchmarking import compare_latency  # noqa: E402
 from ms_prune.engine.trainer import ModelLoss  # noqa: E402
 from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, sample_cli,  # noqa: E402
-                               section_ranges, set_context, write_json)
+                               release_graph_memory, section_ranges, set_context, write_json)
 
 KEYS = {"max_len", "buckets", "batch_size", "eval_batch_size", "freeze_word_embeddings", "finetune", "scoring",
         "seq_len", "budgets", "quick_budgets", "methods", "recovery", "latency", "log_every", "seed"}

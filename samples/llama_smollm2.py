@@ -35,14 +35,14 @@ from mindspore import Tensor
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lrp_bert_sst2 import release_graph_memory  # noqa: E402
 from lrp_gpt_shakespeare import train  # noqa: E402
 from ms_prune import cost  # noqa: E402
 from ms_prune.benchmarking import compare_latency  # noqa: E402
 from ms_prune.data import data_path, lm_batch_fn, read_wikitext2  # noqa: E402
 from ms_prune.engine.trainer import ModelLoss  # noqa: E402
 from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, lm_cross_entropy,  # noqa: E402
-                               lm_perplexity, sample_cli, section_ranges, set_context, write_json)
+                               lm_perplexity, release_graph_memory, sample_cli, section_ranges, set_context,
+                               write_json)
 
 KEYS = {"seq_len", "calibration", "scoring", "budgets", "quick_budgets", "methods", "quick_methods", "eval_windows",
         "quick_eval_windows", "finetune", "latency", "log_every", "seed"}

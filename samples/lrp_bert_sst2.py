@@ -22,7 +22,6 @@ Every training phase runs on ``ms_prune.engine.Trainer`` with checkpoints (``--r
 Goal: at least half of the 72 heads removed with at most 1.0 point of accuracy lost, against the
 better of the two unpruned baselines.
 """
-import gc
 import hashlib
 import json
 import logging
@@ -42,7 +41,8 @@ from ms_prune.data import read_sst2  # noqa: E402
 from ms_prune.engine import Trainer  # noqa: E402
 from ms_prune.engine.recipes import build_algorithms  # noqa: E402
 from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, FRACTION, sample_cli,  # noqa: E402
-                               resume_from_checkpoints, section_ranges, set_context, write_json)
+                               release_graph_memory, resume_from_checkpoints, section_ranges, set_context,
+                               write_json)
 
 KEYS = {"max_len", "buckets", "batch_size", "eval_batch_size", "freeze_word_embeddings", "finetune", "gates",
         "targets", "recovery", "latency", "log_every", "seed"}
@@ -182,21 +182,6 @@ def fine_tuned_model(config, quick, batches, log_every, resume=False):
     os.replace(partial, folder)  # a run killed mid-save leaves no half folder to reuse
     shutil.rmtree(checkpoints, ignore_errors=True)
     return folder, True
-
-
-def release_graph_memory():
-    """Each compiled MiniLM graph holds GBs of CPU memory (measured: ~2.7 GB for a 32 x 64
-    training step); free those of finished phases or a run of several phases is OOM-killed."""
-    gc.collect()
-    try:
-        ms.ms_memory_recycle()
-    except RuntimeError as err:
-        # MindSpore 2.10 iterates its per-Cell compile cache while freeing graphs deletes Cells
-        # (and their cache entries): "dictionary changed size during iteration". Freeing memory is
-        # all this is for, so go on with what was freed (the rest is freed at exit).
-        if "changed size" not in str(err):
-            raise
-        logging.getLogger(__name__).warning("ms_memory_recycle stopped early (%s); continuing", err)
 
 
 def main(argv=None):

@@ -17,7 +17,7 @@ from ms_prune.training import device_target_name, sample_cli
 from conftest import ROOT, load_script
 
 SAMPLES = ["lrp_bert_sst2", "lrp_gpt_shakespeare", "pld_bert_mlm", "prune_minilm", "random_ltd_gpt_shakespeare",
-           "llama_smollm2", "gradnas_bert_sst2"]
+           "llama_smollm2", "gradnas_bert_sst2", "prune_llama"]
 
 
 def default_config(name):
@@ -236,3 +236,24 @@ def test_llama_smollm2_runs_end_to_end_on_a_tiny_llama(tmp_path):
     assert entry["latency"]["method"] == "gradnas_global" and entry["latency"]["ratio"] > 0
     assert np.isfinite(entry["methods"]["gradnas_global"]["perplexity_finetuned"])
     assert np.isfinite(base["perplexity_finetuned"]) and "perplexity_finetuned" not in entry["methods"]["random"]
+
+
+def test_prune_llama_runs_end_to_end_on_a_tiny_llama(tmp_path):
+    module = load_script("prune_llama")
+    model_dir = tiny_llama_dir(tmp_path / "tiny")
+    config = write(tmp_path, {"seq_len": 16, "calibration": {"quick_batches": 2, "batch_size": 2},
+                              "quick_budgets": [0.8], "quick_variants": ["width", "uniform", "depth"],
+                              "quick_methods": ["flap", "random"], "quick_eval_windows": 2, "new_tokens": 2})
+    out = tmp_path / "results" / "r.json"
+    result = module.main(["--quick", "--config", config, "--model_dir", model_dir, "--json", str(out)])
+    with open(out) as f:
+        assert json.load(f)["complete"] is True
+    (entry,) = result["budgets"]
+    assert sorted(entry["variants"]) == ["depth/block_influence", "uniform/flap", "uniform/random", "width/flap",
+                                         "width/random"]
+    for name, row in entry["variants"].items():
+        assert row["params_ratio"] <= 0.8 and np.isfinite(row["perplexity"]) and isinstance(row["answer"], str)
+    assert entry["variants"]["depth/block_influence"]["layers_removed"] == [0] or \
+        entry["variants"]["depth/block_influence"]["layers_removed"] == [1]
+    assert len(set(entry["variants"]["uniform/flap"]["neurons_per_layer"])) == 1
+    assert np.isfinite(result["unpruned"]["perplexity"]) and result["unpruned"]["parameters"] > 0
