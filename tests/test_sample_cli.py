@@ -17,7 +17,7 @@ from ms_prune.training import device_target_name, sample_cli
 from conftest import ROOT, load_script
 
 SAMPLES = ["lrp_bert_sst2", "lrp_gpt_shakespeare", "pld_bert_mlm", "prune_minilm", "random_ltd_gpt_shakespeare",
-           "llama_smollm2", "gradnas_bert_sst2", "prune_llama"]
+           "llama_smollm2", "gradnas_bert_sst2", "prune_llama", "data_parallel"]
 
 
 def default_config(name):

@@ -34,6 +34,12 @@ class State:
       keep their state inside the kernel on CPU and GPU, where it cannot be saved).
     * ``structure_changed``: set by an algorithm after surgery; the trainer rebuilds its
       compiled step and optimizer before the next step, and clears it.
+    * data parallel (``mindspore.communication.init()`` done, e.g. under ``msrun``): ``rank`` and
+      ``world_size`` (1 without it); ``batch`` is this worker's contiguous share of
+      ``global_batch`` (rows ``[rank * B / world_size, (rank + 1) * B / world_size)`` of every
+      array). The counters count the global batch. Noise with one value per row must be drawn for
+      the global batch and cut with :meth:`worker_rows`, so that every worker draws the same
+      numbers and keeps the rows a single-process run would.
     """
 
     def __init__(self, model, algorithms=(), max_steps=None, seed=0):
@@ -50,6 +56,20 @@ class State:
         self.seed = seed
         self.run_id = uuid.uuid4().hex
         self.rng = np.random.default_rng(seed)
+        self.rank, self.world_size = 0, 1
+        self.global_batch = None
+
+    def global_rows(self, rows):
+        """The global batch's row count for a share of ``rows`` rows."""
+        return int(rows) * self.world_size
+
+    def worker_rows(self, array):
+        """This worker's contiguous share (along axis 0) of ``array``, a global-batch array: the
+        array itself without data parallelism."""
+        if self.world_size == 1:
+            return array
+        share = array.shape[0] // self.world_size
+        return array[self.rank * share:(self.rank + 1) * share]
 
     def counters(self):
         return {name: getattr(self, name) for name in COUNTERS}

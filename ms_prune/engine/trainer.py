@@ -11,6 +11,12 @@ With ``grad_accumulation=k`` a step is k compiled micro-steps that add their gra
 Parameter buffers inside the graph, then one compiled update (scale by 1/k, clip, optimizer,
 zero the buffers): no host round-trip until the update's loss is read.
 
+Data parallel: after ``mindspore.communication.init()`` (e.g. under ``msrun``) each of the N
+workers trains on its contiguous 1/N share of every global batch; the gradients (and the loss)
+are averaged over the workers inside the compiled step, before clipping and the optimizer (once
+per update with accumulation), so the update is the single-process update on the global batch.
+Worker 0 alone writes checkpoints and progress lines.
+
 Checkpoints are folders written whole or not at all (``fileio.atomic_directory``) with a
 ``checksums.json`` written last; a run rotates only the checkpoints that carry its run id, and
 "latest" resumes from the newest checkpoint that verifies.
@@ -41,7 +47,7 @@ from .engine import Engine
 from .event import Event
 from .state import State, required
 
-__all__ = ["Trainer", "ModelLoss", "LossWithTerms", "lr_multiplier", "default_no_decay"]
+__all__ = ["Trainer", "ModelLoss", "LossWithTerms", "lr_multiplier", "default_no_decay", "data_parallel_world"]
 
 log = logging.getLogger("ms_prune.trainer")
 
@@ -110,6 +116,57 @@ def default_optimizer(learning_rate=1e-3, weight_decay=0.0):
     return build
 
 
+def data_parallel_world(owner="Trainer"):
+    """(rank, number of workers) of the communication group ``mindspore.communication.init()``
+    set up (e.g. under ``msrun``); (0, 1) without one. A parallel mode other than data parallel
+    (semi-auto or auto parallel split the model itself) is a ValueError naming it."""
+    from mindspore.communication import GlobalComm
+    if not GlobalComm.INITED:
+        return 0, 1
+    from mindspore.communication import get_group_size, get_rank
+    mode = ms.get_auto_parallel_context("parallel_mode")
+    if mode not in ("stand_alone", "data_parallel"):
+        raise ValueError(f"{owner}: parallel_mode={mode!r}; the trainer does data parallelism itself (gradients "
+                         f"averaged over the workers inside its step): leave parallel_mode 'stand_alone' or set "
+                         f"'data_parallel'")
+    return int(get_rank()), int(get_group_size())
+
+
+class WorkerMean(nn.Cell):
+    """``(loss, grads) -> (their means over the workers)``, inside a compiled step: the gradients
+    through ``nn.DistributedGradReducer`` (as ``nn.TrainOneStepCell`` does in data parallel), the
+    loss by an AllReduce. With each worker's loss a mean over its equal share of the rows, these are
+    the loss and the gradients of the global batch."""
+
+    def __init__(self, parameters, world_size):
+        super().__init__(auto_prefix=False)
+        from mindspore.communication import GlobalComm
+        self.reducer = nn.DistributedGradReducer(parameters, mean=True, degree=world_size,
+                                                 group=GlobalComm.WORLD_COMM_GROUP)
+        self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM, GlobalComm.WORLD_COMM_GROUP)
+        self.scale = 1.0 / world_size
+
+    def construct(self, loss, grads):
+        loss = self.all_reduce(ops.cast(loss, ms.float32)) * self.scale
+        return loss, self.reducer(grads)
+
+
+class _AllReduceSum(nn.Cell):
+    """Host-side collectives between steps (weights from worker 0, metrics, barriers): each
+    input summed over the workers."""
+
+    def __init__(self):
+        super().__init__(auto_prefix=False)
+        from mindspore.communication import GlobalComm
+        self.all_reduce = ops.AllReduce(ops.ReduceOp.SUM, GlobalComm.WORLD_COMM_GROUP)
+
+    def construct(self, *tensors):
+        out = ()
+        for x in tensors:
+            out = out + (self.all_reduce(x),)
+        return out
+
+
 class ClippedTrainStep(TrainStep):
     """A ``TrainStep`` whose gradients are clipped to a global norm before the update."""
 
@@ -121,6 +178,31 @@ class ClippedTrainStep(TrainStep):
         loss, grads = self.grad_fn(*inputs)
         self.optimizer(ops.clip_by_global_norm(grads, self.max_grad_norm))
         return loss
+
+
+class WorkerMeanTrainStep(TrainStep):
+    """A data-parallel ``TrainStep``: the loss and gradients are averaged over the workers
+    (:class:`WorkerMean`), then clipped to ``max_grad_norm`` when given, then the update; returns the
+    mean loss."""
+
+    def __init__(self, loss_net, optimizer, world_size, max_grad_norm=None):
+        super().__init__(loss_net, optimizer)
+        self.mean = WorkerMean(optimizer.parameters, world_size)
+        self.clip = max_grad_norm is not None
+        self.max_grad_norm = max_grad_norm if self.clip else 1.0
+
+    def construct(self, *inputs):
+        loss, grads = self.grad_fn(*inputs)
+        loss, grads = self.mean(loss, grads)
+        if self.clip:
+            grads = ops.clip_by_global_norm(grads, self.max_grad_norm)
+        self.optimizer(grads)
+        return loss
+
+
+class _Unchanged(nn.Cell):
+    def construct(self, loss, grads):
+        return loss, grads
 
 
 class AccumulateGrads(nn.Cell):
@@ -143,12 +225,14 @@ class AccumulateGrads(nn.Cell):
 
 
 class ApplyGrads(nn.Cell):
-    """The update of an accumulated step: the mean gradient (buffers / k), clipped to
-    ``max_grad_norm`` when given, goes to the optimizer, and the buffers are zeroed; returns the
-    mean loss of the k micro-batches."""
+    """The update of an accumulated step: the mean gradient (buffers / k), averaged over the
+    workers by ``worker_mean`` (a :class:`WorkerMean`, data parallel: once per update, not per
+    micro-batch), clipped to ``max_grad_norm`` when given, goes to the optimizer, and the buffers
+    are zeroed; returns the mean loss of the k micro-batches (of the workers)."""
 
-    def __init__(self, optimizer, buffers, loss_sum, grad_accumulation, max_grad_norm=None):
+    def __init__(self, optimizer, buffers, loss_sum, grad_accumulation, max_grad_norm=None, worker_mean=None):
         super().__init__(auto_prefix=False)
+        self.worker_mean = worker_mean if worker_mean is not None else _Unchanged()
         self.optimizer = optimizer
         self.buffers = buffers
         self.loss_sum = loss_sum
@@ -159,10 +243,10 @@ class ApplyGrads(nn.Cell):
 
     def construct(self):
         grads = self.hyper_map(ops.partial(ops.mul, self.scale), self.buffers)
+        loss, grads = self.worker_mean(self.loss_sum * self.scale, grads)
         if self.clip:
             grads = ops.clip_by_global_norm(grads, self.max_grad_norm)
         self.optimizer(grads)
-        loss = self.loss_sum * self.scale
         self.hyper_map(ops.assign, self.buffers, self.hyper_map(ops.zeros_like, self.buffers))
         ops.assign(self.loss_sum, ops.zeros_like(self.loss_sum))
         return loss
@@ -239,6 +323,16 @@ class Trainer:
       when the program has configured no logging (else through the ``ms_prune.trainer`` logger);
       0 is silent. After ``fit``, ``summary`` holds steps, seconds, tokens/s, peak memory and
       compilations (logged too).
+    * data parallel: after ``mindspore.communication.init()`` (``msrun --worker_num=N ...``) each
+      batch ``train_data`` gives is the GLOBAL batch; worker r trains on rows
+      ``[r * B / N, (r + 1) * B / N)`` of every array (``state.batch``; a batch whose rows do not
+      divide by N is a ValueError), the loss and gradients are averaged over the workers inside
+      the compiled step (before clipping and the update), so the run equals the single-process
+      run on the global batches. Worker 0's weights are copied to every worker when the trainer is
+      built. Worker 0 alone writes checkpoints and progress lines (the others wait for each save);
+      every worker resumes from them. ``eval_fn`` runs on every worker and its numeric metrics are
+      averaged over the workers (evaluate the same data everywhere, or each worker its own equal
+      share by ``get_rank()``). Host draws (``state.rng``) are seeded alike on every worker.
     """
 
     def __init__(self, model, loss_fn, train_data, max_steps, algorithms=(), optimizer=None, lr=1e-3,
@@ -287,6 +381,8 @@ class Trainer:
         self.no_decay = no_decay
         self.eval_fn, self.checkpoint_dir = eval_fn, checkpoint_dir
         self.state = State(model, algorithms, max_steps=self.max_steps, seed=self.seed)
+        self.state.rank, self.state.world_size = data_parallel_world(owner)
+        self._collective = _AllReduceSum() if self.state.world_size > 1 else None
         self.engine = Engine(self.state, logger or log)
         self.logger = logger or log
         self._steps = {}
@@ -304,10 +400,78 @@ class Trainer:
         ms.set_seed(self.seed)
         self.engine.run_event(Event.INIT)
         self._build()
+        if self._collective is not None:
+            self._copy_from_worker_zero()
         if resume_from is not None:
             self._resume(resume_from)
             if checkpoint_dir is not None:
                 self._refuse_other_runs()
+
+    # ---- data parallel -------------------------------------------------------------------------
+    @property
+    def _leader(self):
+        """Worker 0 (the only process without data parallelism): it writes checkpoints and logs."""
+        return self.state.rank == 0
+
+    def _all_reduce(self, *arrays):
+        """Each numpy array summed over the workers (float32 on the wire)."""
+        out = self._collective(*[Tensor(np.asarray(a, np.float32)) for a in arrays])
+        return [o.asnumpy() for o in out]
+
+    def _copy_from_worker_zero(self):
+        """Start every worker from worker 0's tensors (a model built without a common seed would
+        otherwise differ per worker, and averaged gradients would train N different models)."""
+        params = [p for p in self._named_tensors().values()
+                  if p.dtype in (ms.float16, ms.float32, ms.bfloat16) and int(np.prod(p.shape)) > 0]
+        zero = self._leader
+        values = self._collective(*[p.value() if zero else ops.zeros_like(p) for p in params])
+        for param, value in zip(params, values):
+            ops.assign(param, value)
+
+    def _agree(self, error, what):
+        """Collective check after ``what`` ran on worker 0 alone: raises ``error`` there and a
+        RuntimeError on the other workers when it failed; a barrier when it did not."""
+        if self._collective is None:
+            if error is not None:
+                raise error
+            return
+        failed = self._all_reduce(np.array([0.0 if error is None else 1.0]))[0][0]
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError(f"Trainer: worker 0 failed to {what} (its log says why); worker {self.state.rank} "
+                               f"stops too")
+
+    def _share(self, batch, index):
+        """This worker's rows of the global ``batch``; a row count the workers cannot share equally
+        is a ValueError naming it."""
+        state = self.state
+        workers = state.world_size
+        if workers == 1:
+            return batch
+        for i, x in enumerate(batch):
+            rows = int(x.shape[0]) if len(x.shape) else 0
+            if rows == 0 or rows % workers:
+                raise ValueError(f"Trainer: the global batch has {rows} rows (batch {index}[{i}] of shape "
+                                 f"{tuple(x.shape)}), which {workers} workers cannot share equally; give batches "
+                                 f"whose arrays' first axis divides by {workers}")
+        return tuple(state.worker_rows(x) for x in batch)
+
+    def _mean_metrics(self, metrics):
+        """``metrics`` with its numbers averaged over the workers (in two float32 halves, so that a
+        float64 value every worker shares comes back exact); other values stay as they are."""
+        keys = [k for k, v in sorted(metrics.items())
+                if isinstance(v, (int, float, np.number)) and not isinstance(v, (bool, np.bool_))]
+        values = np.array([float(metrics[k]) for k in keys] or [0.0], np.float64)
+        high = values.astype(np.float32)
+        low = (values - high.astype(np.float64)).astype(np.float32)
+        high_sum, low_sum = self._all_reduce(high, low)
+        means = (high_sum.astype(np.float64) + low_sum.astype(np.float64)) / self.state.world_size
+        out = dict(metrics)
+        for key, mean in zip(keys, means):
+            whole = isinstance(metrics[key], (int, np.integer)) and float(mean).is_integer()
+            out[key] = int(mean) if whole else float(mean)
+        return out
 
     # ---- building the step ---------------------------------------------------------------------
     def _build(self):
@@ -328,8 +492,9 @@ class Trainer:
             self._buffers = ParameterTuple([Parameter(ops.zeros(p.shape, p.dtype), name=f"accumulated.{p.name}",
                                                       requires_grad=False) for p in state.optimizer.parameters])
             self._loss_sum = Parameter(Tensor(0.0, ms.float32), name="accumulated.loss", requires_grad=False)
+            mean = WorkerMean(state.optimizer.parameters, state.world_size) if state.world_size > 1 else None
             self._apply = compile_in_pynative(ApplyGrads(state.optimizer, self._buffers, self._loss_sum,
-                                                         self.grad_accumulation, self.max_grad_norm))
+                                                         self.grad_accumulation, self.max_grad_norm, mean))
         state.structure_changed = False
 
     def _param_groups(self):
@@ -403,6 +568,9 @@ class Trainer:
             if self.grad_accumulation > 1:
                 step = compile_in_pynative(AccumulateGrads(state.loss_net, state.optimizer, self._buffers,
                                                            self._loss_sum))
+            elif state.world_size > 1:
+                step = compile_in_pynative(WorkerMeanTrainStep(state.loss_net, state.optimizer, state.world_size,
+                                                               self.max_grad_norm))
             elif self.max_grad_norm is not None:
                 step = compile_in_pynative(ClippedTrainStep(state.loss_net, state.optimizer, self.max_grad_norm))
             else:
@@ -419,15 +587,18 @@ class Trainer:
 
     # ---- data ----------------------------------------------------------------------------------
     def _next_batch(self):
-        """The next batch (checked), counted in ``batches`` and ``batch_in_epoch``."""
+        """The next batch (checked; this worker's share of it in data parallel), counted in
+        ``batches`` and ``batch_in_epoch``; ``state.global_batch`` is the whole batch."""
         state = self.state
         if callable(self.train_data):
             batch = self._checked(self.train_data(state.batches))
         else:
             batch = self._checked(self._next_from_iterable())
+        share = self._share(batch, state.batches)
+        state.global_batch = batch
         state.batches += 1
         state.batch_in_epoch += 1
-        return batch
+        return share
 
     def _next_from_iterable(self):
         state = self.state
@@ -543,8 +714,9 @@ class Trainer:
                     raise
                 raise diagnosis from error
             compiled += new
-            state.samples += int(batch[0].shape[0])
-            state.tokens += int(np.prod(batch[0].shape[:2])) if batch[0].ndim >= 2 else int(batch[0].shape[0])
+            # the global batch's counts: equal to a single-process run's, and what throughput means
+            state.samples += state.global_rows(batch[0].shape[0])
+            state.tokens += state.global_rows(batch[0].shape[0]) * (int(batch[0].shape[1]) if batch[0].ndim >= 2 else 1)
         if self._apply is not None:
             out, new = self._run(self._apply, ())
             compiled += new
@@ -628,7 +800,7 @@ class Trainer:
                         "samples_per_second": samples / seconds if seconds > 0 else float("nan"),
                         "compilations": self.compilations - counts[2],
                         "peak_host_memory_mb": memory["host"], "peak_device_memory_mb": memory["device"]}
-        if self.log_interval:
+        if self.log_interval and self._leader:
             s = self.summary
             peak = ", ".join(f"{where} {s[f'peak_{where}_memory_mb']:.0f} MiB" for where in ("host", "device")
                              if s[f"peak_{where}_memory_mb"] is not None)
@@ -641,7 +813,7 @@ class Trainer:
         """Progress lines reach the user without any logging set-up: when no handler would take the
         logger's records, one that prints to stdout is attached for the duration of ``fit``."""
         logger = self.logger
-        if not self.log_interval or logger.hasHandlers():
+        if not self.log_interval or not self._leader or logger.hasHandlers():
             yield
             return
         handler = logging.StreamHandler(sys.stdout)
@@ -663,17 +835,21 @@ class Trainer:
         self.engine.run_event(Event.EVAL_START)
         state.model.set_train(False)
         metrics = dict(self.eval_fn(state.model))
+        if self._collective is not None:
+            metrics = self._mean_metrics(metrics)
         state.model.set_train(True)
         state.metrics = metrics
         self.engine.run_event(Event.EVAL_END)
-        if self.log_interval:
-            self.logger.info("step %d eval %s", state.step,
+        if self.log_interval and self._leader:
+            self.logger.info("step %d eval%s %s", state.step,
+                             f" (mean over {state.world_size} workers)" if state.world_size > 1 else "",
                              ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items()))
         return metrics
 
     def _log_progress(self, started, first_step):
         state = self.state
-        if not self.log_interval or (state.step % self.log_interval and state.step != self.max_steps):
+        if not self.log_interval or not self._leader or (state.step % self.log_interval and
+                                                          state.step != self.max_steps):
             return
         elapsed = time.perf_counter() - started
         rate = (state.step - first_step) / elapsed if elapsed > 0 else float("nan")
@@ -715,6 +891,20 @@ class Trainer:
         what a killed save left there, and refuse a fresh run in a folder that holds checkpoints
         (its rotation would delete them, and it could not resume)."""
         directory = self.checkpoint_dir
+        problem = None
+        if self._leader:  # in data parallel worker 0 alone writes there; the others wait for it
+            problem = self._prepare_writable(directory)
+        self._agree(problem, f"prepare checkpoint_dir {directory!r}")
+        folders = self._checkpoint_folders()
+        if fresh and (folders or os.path.exists(os.path.join(directory, "latest"))):
+            raise ValueError(f"Trainer: checkpoint_dir {directory!r} already holds checkpoints "
+                             f"({[n for _, n in folders] or ['latest']}); pass resume_from='latest' to continue "
+                             f"that run, or give a new or empty checkpoint_dir (this run would mix its checkpoints "
+                             f"with them)")
+
+    def _prepare_writable(self, directory):
+        """None when ``directory`` was made (or is) writable and cleaned of what killed saves
+        left; else the ValueError to raise."""
         probe = os.path.join(str(directory), f".write-test-{os.getpid()}")
         try:
             os.makedirs(directory, exist_ok=True)
@@ -722,18 +912,13 @@ class Trainer:
                 f.write(b"ok")
             os.remove(probe)
         except OSError as error:
-            raise ValueError(f"Trainer: checkpoint_dir {directory!r} is not a writable folder ({error}); "
-                             f"give a folder this process can write") from None
+            return ValueError(f"Trainer: checkpoint_dir {directory!r} is not a writable folder ({error}); "
+                              f"give a folder this process can write")
         cleaned = clean_orphans(directory)
         if cleaned:
             self.logger.warning("Trainer: removed or restored what interrupted saves left in %s: %s",
                                 directory, cleaned)
-        folders = self._checkpoint_folders()
-        if fresh and (folders or os.path.exists(os.path.join(directory, "latest"))):
-            raise ValueError(f"Trainer: checkpoint_dir {directory!r} already holds checkpoints "
-                             f"({[n for _, n in folders] or ['latest']}); pass resume_from='latest' to continue "
-                             f"that run, or give a new or empty checkpoint_dir (this run would mix its checkpoints "
-                             f"with them)")
+        return None
 
     def _checkpoint_folders(self):
         """[(step, name)] of the step folders in ``checkpoint_dir``, newest first."""
@@ -763,13 +948,27 @@ class Trainer:
         """Write a checkpoint folder (default ``checkpoint_dir/step_<N>``) whole or not at all: its
         files go to ``step_<N>.tmp-PID`` with ``checksums.json`` last, then the folder is renamed
         into place (swapped with an existing one); ``latest`` is updated after, then the run's
-        older checkpoints rotate."""
-        from safetensors.numpy import save
+        older checkpoints rotate. In data parallel every worker calls it, worker 0 writes and the
+        others wait until the checkpoint is complete."""
         state = self.state
         if path is None:
             if self.checkpoint_dir is None:
                 raise ValueError("Trainer.save_checkpoint: give a path or a checkpoint_dir")
             path = os.path.join(self.checkpoint_dir, f"step_{state.step}")
+        problem = None
+        if self._leader:
+            try:
+                self._write_checkpoint(path)
+            except Exception as error:  # noqa: BLE001 - re-raised after the other workers hear of it
+                if self._collective is None:
+                    raise
+                problem = error
+        self._agree(problem, f"write the checkpoint {path}")
+        return path
+
+    def _write_checkpoint(self, path):
+        from safetensors.numpy import save
+        state = self.state
         tensors = {name: np.ascontiguousarray(p.asnumpy()) for name, p in self._named_tensors().items()}
         saved = {"state": state.state_dict(),
                  "algorithms": {a.name: a.state_dict() for a in state.algorithms},
@@ -787,7 +986,6 @@ class Trainer:
             with atomic_write(os.path.join(self.checkpoint_dir, "latest"), binary=False) as f:
                 f.write(os.path.basename(path))
             self._rotate()
-        return path
 
     @staticmethod
     def _stamp(folder):

@@ -597,10 +597,13 @@ class RandomLTD(Algorithm):
             self._shape = hidden_token_shape(first.layer_call, state.batch, first.batch_first)
             self._kept = _prepare_step(self.wrappers, self.draws, self.scheduler, *self._shape, state.optimizer,
                                        self.lr_schedule)
+            # drawn for the global batch, then this worker's rows: under msrun each worker keeps the
+            # tokens a single process would keep for its rows
+            rows, seq = self._shape
             for draw in self.draws:
-                write_parameter(draw.scores, state.rng.random(self._shape))
+                write_parameter(draw.scores, state.worker_rows(state.rng.random((state.global_rows(rows), seq))))
         elif event == Event.AFTER_TRAIN_STEP:
-            self.scheduler.step(*self._shape)
+            self.scheduler.step(state.global_rows(self._shape[0]), self._shape[1])  # the global batch's tokens
         return None
 
     def graph_key(self, state):
