@@ -64,6 +64,18 @@ def read_sst2(split, data_dir=None):
     return sentences, np.asarray(labels, np.int32)
 
 
+def token_encoder(model_dir):
+    """``text -> numpy int32 token ids`` with the tokenizer (``tokenizer.json``, the ``tokenizers``
+    package) of a Hugging Face-layout model folder."""
+    from tokenizers import Tokenizer
+    tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+
+    def encode(text):
+        return np.asarray(tokenizer.encode(text).ids, np.int32)
+    encode.tokenizer = tokenizer
+    return encode
+
+
 AUSTEN_NOVELS = ("emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility")
 
 

@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from lrp_gpt_shakespeare import train  # noqa: E402
 from ms_prune import cost  # noqa: E402
 from ms_prune.benchmarking import compare_latency  # noqa: E402
-from ms_prune.data import data_path, lm_batch_fn, read_wikitext2  # noqa: E402
+from ms_prune.data import data_path, lm_batch_fn, read_wikitext2, token_encoder  # noqa: E402
 from ms_prune.engine.trainer import ModelLoss  # noqa: E402
 from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, lm_cross_entropy,  # noqa: E402
                                lm_perplexity, release_graph_memory, sample_cli, section_ranges, set_context,
@@ -113,7 +113,6 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="  %(message)s")
     set_context("graph", args.device_target, seed=config["seed"])
 
-    from tokenizers import Tokenizer
     from ms_prune.gradnas import apply_gradnas, compute_scores
     from ms_prune.models.llama import LlamaForCausalLM
 
@@ -124,8 +123,7 @@ def main(argv=None):
     if args.model_dir is None:
         from ms_prune.hub import smollm2_dir
         args.model_dir = smollm2_dir()
-    tokenizer = Tokenizer.from_file(os.path.join(args.model_dir, "tokenizer.json"))
-    encode = lambda text: np.asarray(tokenizer.encode(text).ids, np.int32)  # noqa: E731
+    encode = token_encoder(args.model_dir)
     valid = encode(read_wikitext2("valid"))
     calibration = encode(calibration_text(config["calibration"]))
     windows = config["quick_eval_windows"] if quick else config["eval_windows"]

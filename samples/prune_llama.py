@@ -13,15 +13,12 @@ heads, SwiGLU) with ``ms_prune.prune`` to fractions of its parameters, with no r
 
 Recovery (least-squares refit, distillation) is not in this sample yet (issue #20).
 
-    python samples/prune_llama.py --quick      # one budget, width and depth, 8 windows (~10 min CPU)
+    python samples/prune_llama.py --quick      # one budget, every variant, 8 windows (~15 min CPU)
     python samples/prune_llama.py              # both budgets, all variants and scores
 """
-import os
 import time
 
-import numpy as np
-
-from ms_prune.data import lm_batch_fn, read_austen, read_wikitext2
+from ms_prune.data import lm_batch_fn, read_austen, read_wikitext2, token_encoder
 from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, lm_perplexity, peak_memory_mb,
                                release_graph_memory, sample_cli, section_ranges, set_context, write_json)
 
@@ -44,7 +41,7 @@ def check_config(path, config):
 
 
 def main(argv=None):
-    quick_help = "one budget, width and depth, 8 evaluation windows (~10 min on CPU)"
+    quick_help = "one budget, three scores, 8 evaluation windows (~15 min on CPU)"
     args, config = sample_cli(__file__, __doc__, KEYS, quick_help, argv,
                               [("--model_dir", dict(default=None, help="a Hugging Face-layout Llama folder with "
                                                     "tokenizer.json (None: SmolLM2-135M-Instruct from "
@@ -53,7 +50,6 @@ def main(argv=None):
     set_context("graph", args.device_target, seed=config["seed"])
 
     import ms_prune
-    from tokenizers import Tokenizer
     from ms_prune.models.llama import LlamaForCausalLM, greedy_generate
     from ms_prune.structured import score_units
 
@@ -63,8 +59,7 @@ def main(argv=None):
     if args.model_dir is None:
         from ms_prune.hub import smollm2_dir
         args.model_dir = smollm2_dir()
-    tokenizer = Tokenizer.from_file(os.path.join(args.model_dir, "tokenizer.json"))
-    encode = lambda text: np.asarray(tokenizer.encode(text).ids, np.int32)  # noqa: E731
+    encode = token_encoder(args.model_dir)
     test = encode(read_wikitext2("test"))
     windows = min(pick("eval_windows") or (len(test) - 1) // seq_len, (len(test) - 1) // seq_len)
     cal = config["calibration"]
@@ -76,7 +71,8 @@ def main(argv=None):
     def measure(model):
         t0 = time.time()
         perplexity = lm_perplexity(model, test, 1, seq_len, windows)
-        answer = tokenizer.decode(greedy_generate(model, prompt, config["new_tokens"])[0, prompt.shape[1]:].tolist())
+        continuation = greedy_generate(model, prompt, config["new_tokens"])[0, prompt.shape[1]:]
+        answer = encode.tokenizer.decode(continuation.tolist())
         row = {"perplexity": perplexity, "answer": answer, "parameters": model.num_parameters(),
                "flops": model.forward_flops(seq_len), "heads_per_layer": model.heads_per_layer(),
                "neurons_per_layer": model.neurons_per_layer(), "eval_seconds": time.time() - t0}

@@ -182,12 +182,13 @@ def _uniform_plan(owner, model, scores, metric, budget, cost_model, units, allow
 
 
 def _standardised(scores, cost_model):
-    """Scores whose every axis averages 1 per unit of cost: activations of heads and neurons (or
-    weight norms, or random numbers) have no common scale, the budget does."""
+    """Scores standardised per layer and axis (FLAP's per-layer standardisation): each layer's
+    scores divided by their mean, times the unit's cost, so that a global ranking by score per cost
+    compares a unit with the other units of its layer. Activations grow along the residual stream
+    (measured on SmolLM2: ranked raw, the first layers lost 96% of their FFN), and heads and neurons,
+    weight norms or random numbers have no common scale; the budget does."""
     def scaled(per_layer, costs):
-        total = sum(float(np.sum(s)) for s in per_layer)
-        spent = sum(len(s) * c for s, c in zip(per_layer, costs))
-        return [s * (spent / total) if total > 0 else s for s in per_layer]
+        return [s / np.mean(s) * c if len(s) and np.mean(s) > 0 else s for s, c in zip(per_layer, costs)]
     return GradNASScores(scaled(scores.heads, cost_model.head_costs), scaled(scores.neurons, cost_model.neuron_costs),
                          scores.kept_heads, scores.kept_neurons, scores.method, scores.num_batches, scores.seconds)
 
@@ -248,10 +249,11 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
 
     ``uniform=True``: the same heads, key/value heads and FFN width in every layer (a standard
     model: ``LlamaForCausalLM.save_pretrained(..., standard=True)`` writes a plain Hugging Face
-    config for it); else each layer keeps what the global ranking gives it (scores of heads and of
-    neurons standardised per unit of cost, except GradNAS's, which share the loss's scale).
-    ``units``: the unit kinds it may remove ('heads', 'neurons'; or 'layers' alone). ``allow_empty_layers=False``: every layer keeps a head
-    and an FFN neuron. Heads go by key/value group: every layer keeps equal groups.
+    config for it); else each layer keeps what the global ranking gives it (each layer's scores of
+    heads and of neurons standardised by their mean, except GradNAS's, which share the loss's
+    scale). ``units``: the unit kinds it may remove ('heads', 'neurons'; or 'layers' alone).
+    ``allow_empty_layers=False``: every layer keeps a head and an FFN neuron. Heads go by key/value
+    group: every layer keeps equal groups.
     ``verbose``: print the summary table.
     """
     owner = "prune"
