@@ -6,14 +6,15 @@ heads, SwiGLU) with ``ms_prune.prune`` to fractions of its parameters, with no r
 2. per budget (a fraction of all parameters, embeddings counted) and variant, a fresh copy pruned:
    ``width`` (heads by key/value group and FFN neurons, per-layer widths), ``uniform`` (the same
    shape in every layer: a standard Llama), ``depth`` (whole layers by block influence); per score
-   (activation, FLAP, magnitude, random) for the width variants; scores computed once on the
-   unpruned model and reused;
+   (activation, FLAP, magnitude, random) for the width variants, and for the scores listed in
+   ``refit`` a second copy with the least-squares refit of the kept units; scores computed once on
+   the unpruned model and reused;
 3. WikiText-2 *test* perplexity (consecutive windows of ``seq_len`` tokens) and the greedy answer
    to "The capital of France is", before and after, peak memory, into results/prune_llama.json.
 
-Recovery (least-squares refit, distillation) is not in this sample yet (issue #20).
+Distillation is not in this sample yet (issue #20).
 
-    python samples/prune_llama.py --quick      # one budget, every variant, 8 windows (~15 min CPU)
+    python samples/prune_llama.py --quick      # one budget, two scores, 8 windows (~12 min CPU)
     python samples/prune_llama.py              # both budgets, all variants and scores
 """
 import time
@@ -23,7 +24,7 @@ from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, lm_perplex
                                release_graph_memory, sample_cli, section_ranges, set_context, write_json)
 
 KEYS = {"seq_len", "calibration", "budgets", "quick_budgets", "variants", "quick_variants", "methods",
-        "quick_methods", "eval_windows", "quick_eval_windows", "prompt", "new_tokens", "seed"}
+        "quick_methods", "refit", "eval_windows", "quick_eval_windows", "prompt", "new_tokens", "seed"}
 RANGES = {"seq_len": POSITIVE, "budgets": OPEN_FRACTION, "quick_budgets": OPEN_FRACTION,
           "eval_windows": NON_NEGATIVE, "quick_eval_windows": NON_NEGATIVE, "new_tokens": NON_NEGATIVE,
           "seed": NON_NEGATIVE,
@@ -41,7 +42,7 @@ def check_config(path, config):
 
 
 def main(argv=None):
-    quick_help = "one budget, three scores, 8 evaluation windows (~15 min on CPU)"
+    quick_help = "one budget, two scores, 8 evaluation windows (~12 min on CPU)"
     args, config = sample_cli(__file__, __doc__, KEYS, quick_help, argv,
                               [("--model_dir", dict(default=None, help="a Hugging Face-layout Llama folder with "
                                                     "tokenizer.json (None: SmolLM2-135M-Instruct from "
@@ -82,7 +83,8 @@ def main(argv=None):
     result = {"config": config, "quick": quick, "model": args.model_dir, "device": args.device_target,
               "eval_set": f"WikiText-2 test, {windows} windows of {seq_len} tokens",
               "calibration": f"{len(calibration)} batches of {cal['batch_size']} x {seq_len} tokens of Jane Austen",
-              "recovery": "none (no refit, no distillation)", "budgets": [], "complete": False}
+              "recovery": "least-squares refit where named /refit; no distillation", "budgets": [],
+              "complete": False}
     print(f"evaluating on {result['eval_set']}; calibration: {result['calibration']}", flush=True)
     model = load()
     base = result["unpruned"] = measure(model)
@@ -99,25 +101,28 @@ def main(argv=None):
     for fraction in pick("budgets"):
         entry = {"params_fraction": fraction, "variants": {}}
         result["budgets"].append(entry)
-        for variant in pick("variants"):
-            for method in (["block_influence"] if variant == "depth" else pick("methods")):
-                model = load()
-                options = dict(units=("layers",)) if variant == "depth" else \
-                    dict(scores=scores[method], method=method, uniform=variant == "uniform")
-                report = ms_prune.prune(model, {"params": f"{100 * fraction:g}%"}, calibration, seq_len=seq_len,
-                                        verbose=False, **options)
-                row = measure(model)
-                row.update(params_ratio=report.params_ratio, flops_ratio=report.flops_ratio,
-                           layers_removed=report.layers_removed, prune_seconds=report.seconds,
-                           peak_rss_gb=peak_memory_mb()["host"] / 1024)
-                entry["variants"][f"{variant}/{method}"] = row
-                print(f"params {100 * fraction:g}% {variant}/{method}: x{row['params_ratio']:.3f} parameters, "
-                      f"x{row['flops_ratio']:.3f} FLOPs, perplexity {base['perplexity']:.2f} -> "
-                      f"{row['perplexity']:.2f}, answer {row['answer']!r} ({time.time() - started:.0f} s)", flush=True)
-                del model
-                release_graph_memory()
-                result["seconds"] = time.time() - started
-                write_json(args.json, result)
+        runs = [(variant, method, refit) for variant in pick("variants")
+                for method in (["block_influence"] if variant == "depth" else pick("methods"))
+                for refit in ([False] if variant == "depth" else [False] + [True] * (method in config["refit"]))]
+        for variant, method, refit in runs:
+            model = load()
+            options = dict(units=("layers",)) if variant == "depth" else \
+                dict(scores=scores[method], method=method, uniform=variant == "uniform", refit=refit)
+            report = ms_prune.prune(model, {"params": f"{100 * fraction:g}%"}, calibration, seq_len=seq_len,
+                                    verbose=False, **options)
+            row = measure(model)
+            row.update(params_ratio=report.params_ratio, flops_ratio=report.flops_ratio,
+                       layers_removed=report.layers_removed, prune_seconds=report.seconds,
+                       peak_rss_gb=peak_memory_mb()["host"] / 1024)
+            name = f"{variant}/{method}" + ("/refit" if refit else "")
+            entry["variants"][name] = row
+            print(f"params {100 * fraction:g}% {name}: x{row['params_ratio']:.3f} parameters, "
+                  f"x{row['flops_ratio']:.3f} FLOPs, perplexity {base['perplexity']:.2f} -> "
+                  f"{row['perplexity']:.2f}, answer {row['answer']!r} ({time.time() - started:.0f} s)", flush=True)
+            del model
+            release_graph_memory()
+            result["seconds"] = time.time() - started
+            write_json(args.json, result)
     result.update(complete=True, seconds=time.time() - started, peak_rss_gb=peak_memory_mb()["host"] / 1024)
     write_json(args.json, result)
     print(f"done in {result['seconds']:.0f} s, peak memory {result['peak_rss_gb']:.1f} GB; {args.json}", flush=True)

@@ -243,14 +243,15 @@ def test_prune_llama_runs_end_to_end_on_a_tiny_llama(tmp_path):
     model_dir = tiny_llama_dir(tmp_path / "tiny")
     config = write(tmp_path, {"seq_len": 16, "calibration": {"quick_batches": 2, "batch_size": 2},
                               "quick_budgets": [0.8], "quick_variants": ["width", "uniform", "depth"],
-                              "quick_methods": ["flap", "random"], "quick_eval_windows": 2, "new_tokens": 2})
+                              "quick_methods": ["flap", "random"], "refit": ["flap"], "quick_eval_windows": 2,
+                              "new_tokens": 2})
     out = tmp_path / "results" / "r.json"
     result = module.main(["--quick", "--config", config, "--model_dir", model_dir, "--json", str(out)])
     with open(out) as f:
         assert json.load(f)["complete"] is True
     (entry,) = result["budgets"]
-    assert sorted(entry["variants"]) == ["depth/block_influence", "uniform/flap", "uniform/random", "width/flap",
-                                         "width/random"]
+    assert sorted(entry["variants"]) == ["depth/block_influence", "uniform/flap", "uniform/flap/refit",
+                                         "uniform/random", "width/flap", "width/flap/refit", "width/random"]
     for name, row in entry["variants"].items():
         assert row["params_ratio"] <= 0.8 and np.isfinite(row["perplexity"]) and isinstance(row["answer"], str)
     assert entry["variants"]["depth/block_influence"]["layers_removed"] == [0] or \

@@ -276,3 +276,29 @@ def test_gpt2_and_bert_count_their_layers_after_removal():
     bert.remove_layers([1])
     assert gpt2.config.n_layer == 1 and len(gpt2.transformer_layers()) == 1
     assert bert.config.num_hidden_layers == 2 and len(bert.transformer_layers()) == 2
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_refit_brings_the_pruned_model_closer_to_the_unpruned_one(uniform):
+    """The least-squares refit lowers every layer's reconstruction error on the calibration data,
+    and with it the distance of the pruned model's logits from the unpruned model's."""
+    data = calibration(4)
+    ids = Tensor(data[0][0])
+    reference = llama()
+    reference.set_train(False)
+    want = reference(ids).asnumpy()
+    scores = score_units(llama(), "activation", data)
+    distance, reports = {}, {}
+    for refit in (False, True):
+        model = llama()
+        reports[refit] = ms_prune.prune(model, {"params": "85%"}, data, scores=scores, uniform=uniform, refit=refit,
+                                        verbose=False)
+        model.set_train(False)
+        distance[refit] = float(np.square(model(ids).asnumpy() - want).mean())
+    refit = reports[True].refit
+    assert reports[False].refit is None and reports[True].heads_per_layer == reports[False].heads_per_layer
+    for kind in ("head", "neuron"):  # least squares never does worse than the plain kept units
+        assert all(a >= b - 1e-9 for a, b in zip(refit[f"{kind}_error"], refit[f"{kind}_error_refit"]))
+    errors = [sum(sum(refit[f"{kind}_error{suffix}"]) for kind in ("head", "neuron")) for suffix in ("", "_refit")]
+    assert errors[1] < errors[0] and errors[0] > 0, refit
+    assert distance[True] < distance[False], distance

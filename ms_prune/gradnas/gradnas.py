@@ -247,9 +247,12 @@ def _scale_inputs(projection, layout, columns, factors):
     projection.weight.set_data(Tensor(np.ascontiguousarray(weight, np.float32)))
 
 
-def _refit(model, loss_net, batches, keep_heads, keep_neurons):
-    """Fold the least-squares mask values of the kept units into the output projections (before
-    the surgery removes the others). Returns per-layer relative errors without / with refit."""
+def refit_kept_units(model, loss_net, batches, keep_heads, keep_neurons):
+    """Fold the least-squares mask values of the kept units (``keep_heads``/``keep_neurons``: per
+    layer, a bool per current unit) into the output projections, so that each layer reconstructs its
+    unpruned output on ``batches`` of ``loss_net``'s inputs (any Cell running the model) as well as
+    its kept units can (Kwon et al. 2022); call it before the surgery removes the others. Returns
+    per-layer relative errors without / with the refit."""
     head_grams, neuron_grams = _contribution_grams(model, loss_net, batches)
     model_adapter = protocol.adapter(model)
     attentions, ffns = model_adapter.attentions(), model_adapter.ffns()
@@ -422,7 +425,7 @@ def apply_gradnas(model, loss_net=None, batches=None, constraints=None, selector
         if refit_batches is None:
             refit_batches = batches
         check_instance(owner, "loss_net", loss_net, nn.Cell)
-        refit_report = _refit(model, loss_net, take_batches(owner, refit_batches, None), keep_heads, keep_neurons)
+        refit_report = refit_kept_units(model, loss_net, take_batches(owner, refit_batches, None), keep_heads, keep_neurons)
     pruned_heads = {layer: [a.kept[p] for p in np.flatnonzero(~k)]
                     for layer, (a, k) in enumerate(zip(attentions, keep_heads)) if (~k).any()}
     pruned_neurons = {layer: [f.kept[p] for p in np.flatnonzero(~k)]

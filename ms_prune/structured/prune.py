@@ -6,8 +6,8 @@ import time
 import numpy as np
 
 from ms_prune import cost, protocol
-from ms_prune.gradnas.gradnas import (GradNASScores, UNIT_KINDS, apply_gradnas, compute_scores, resolve_budget,
-                                      take_batches)
+from ms_prune.gradnas.gradnas import (GradNASScores, UNIT_KINDS, apply_gradnas, compute_scores, refit_kept_units,
+                                      resolve_budget, take_batches)
 from ms_prune.validation import check_bool, check_choice, check_instance, check_int
 
 from .scores import ACTIVATION_METHODS, activation_scores, layer_scores
@@ -229,7 +229,8 @@ def _seq_len(owner, seq_len, data):
 
 
 def prune(model, constraints, data=None, method="activation", loss_net=None, seq_len=None, uniform=False,
-          units=("heads", "neurons"), allow_empty_layers=False, num_batches=None, scores=None, seed=0, verbose=True):
+          units=("heads", "neurons"), allow_empty_layers=False, num_batches=None, scores=None, refit=False, seed=0,
+          verbose=True):
     """Prune ``model`` (any model of the protocol: ours, or one declared by an adapter) in place and
     return a :class:`PruneReport`.
 
@@ -253,7 +254,11 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
     heads and of neurons standardised by their mean, except GradNAS's, which share the loss's
     scale). ``units``: the unit kinds it may remove ('heads', 'neurons'; or 'layers' alone).
     ``allow_empty_layers=False``: every layer keeps a head and an FFN neuron. Heads go by key/value
-    group: every layer keeps equal groups.
+    group: every layer keeps equal groups. ``refit=True``: before the surgery, the kept heads' and
+    neurons' contributions are rescaled by least squares so that each layer reconstructs its
+    unpruned output on ``data`` (Kwon et al. 2022; FLAP's bias compensation is the constant-term
+    case, which needs a bias the Llama projections do not have); the report's ``refit`` has each
+    layer's relative reconstruction error without and with it.
     ``verbose``: print the summary table.
     """
     owner = "prune"
@@ -262,6 +267,7 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
     check_choice(owner, "method", method, METHODS)
     check_bool(owner, "uniform", uniform)
     check_bool(owner, "allow_empty_layers", allow_empty_layers)
+    check_bool(owner, "refit", refit)
     units = (units,) if isinstance(units, str) else tuple(units)
     for kind in units:
         check_choice(owner, "units entries", kind, UNITS)
@@ -281,11 +287,11 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
     for key, value in shape.items():
         check_int(owner, f"constraints[{key!r}]", value, minimum=1)
     depth = "num_hidden_layers" in shape or depth_budget
-    if data is None and (depth or (method != "random" and method != "magnitude" and scores is None)):
+    if data is None and (depth or refit or (method != "random" and method != "magnitude" and scores is None)):
         what = "depth needs data" if depth else f"method={method!r} needs data"
         inputs = "the loss net's inputs" if method == "gradnas" and not depth else "the model's inputs"
         raise ValueError(f"{owner}: {what}: calibration batches of {inputs} (a list of tuples of arrays), got None")
-    if (method in ("activation", "flap", "gradnas") and scores is None) or depth:
+    if (method in ("activation", "flap", "gradnas") and scores is None) or depth or refit:
         data = take_batches(owner, data, num_batches)
     if depth and scores is not None:
         raise ValueError(f"{owner}: scores= were computed on the model before its layers are removed; leave them out "
@@ -293,7 +299,9 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
     seq_len = _seq_len(owner, seq_len, data)
     params_before = cost.num_parameters(model)
     flops_before = cost.forward_flops(model, seq_len) if seq_len else None
-    layers_removed, influence = [], None
+    layers_removed, influence, refit_report = [], None, None
+    if refit and (depth_budget or (shape and set(shape) == {"num_hidden_layers"})):
+        raise ValueError(f"{owner}: refit rescales kept heads and neurons; a depth-only pruning has none to rescale")
     if depth:
         influence = layer_scores(model, data)
         layers_removed = _layers_to_remove(owner, model, influence, shape, constraints, seq_len)
@@ -319,10 +327,15 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
     else:
         cost_model, _ = resolve_budget(owner, model, constraints, seq_len)
         ranked = scores if method == "gradnas" else _standardised(scores, cost_model)
-        apply_gradnas(model, constraints=constraints, seq_len=seq_len, scores=ranked, prune=units,
-                      allow_empty_layers=allow_empty_layers)
+        refit_report = apply_gradnas(model, loss_net or model, data, constraints=constraints, seq_len=seq_len,
+                                     scores=ranked, prune=units, allow_empty_layers=allow_empty_layers,
+                                     refit=refit)["refit"]
         keep_heads = keep_neurons = None
     if keep_heads is not None:
+        if refit:
+            masks = [[np.isin(np.arange(n), k) for n, k in zip(counts, keep)] for counts, keep in
+                     ((_layer_shapes(model)[0], keep_heads), (_layer_shapes(model)[2], keep_neurons or []))]
+            refit_report = refit_kept_units(model, loss_net or model, data, *masks)
         pruned_heads, pruned_neurons = _plan(model, keep_heads, keep_neurons)
         if pruned_heads:
             model_adapter.prune_heads(pruned_heads)
@@ -344,6 +357,7 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
         pruned_neurons={i: [n for n in range(f.total) if n not in kept] for i, (f, kept) in enumerate(
             zip(model_adapter.ffns() or [], kept_neurons)) if len(kept) < f.total},
         layers_removed=layers_removed, block_influence=None if influence is None else influence.tolist(),
+        refit=refit_report,
         score_seconds=scores.seconds if scores is not None else 0.0, seconds=time.perf_counter() - started,
         scores=scores)
     if verbose:
