@@ -275,6 +275,13 @@ def _describe(value):
     return f"a {type(value).__name__}"
 
 
+def _read_back(value):
+    """Read a result (a Tensor or a tuple of them) back to the host, so a failure shows now."""
+    for item in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(item, Tensor):
+            item.asnumpy()
+
+
 def _first_line(error):
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
@@ -675,18 +682,26 @@ class Trainer:
         n = self.num_inputs or len(batch) - 1
         inputs, targets = [Tensor(x) for x in batch[:n]], [Tensor(x) for x in batch[n:]]
         name = type(self.state.model).__name__
+        mode = ms.get_context("mode")
+        # op by op, and each result read back: run as a graph (or left pending), a mismatch can pass
+        # unnoticed here after other graphs compiled in the process (seen in the full suite)
+        ms.set_context(mode=ms.PYNATIVE_MODE)
         try:
-            outputs = self.state.model(*inputs)
-        except Exception as error:  # noqa: BLE001 - any failure of the user's model is reported
-            return ValueError(f"Trainer: the first step failed in the model: {name} fails on the batch's inputs "
-                              f"({_shapes(inputs)}): {_first_line(error)}")
-        try:
-            self.loss_fn(outputs, *targets)
-        except Exception as error:  # noqa: BLE001
-            shown = _shapes(outputs if isinstance(outputs, tuple) else (outputs,))
-            return ValueError(f"Trainer: the first step failed in loss_fn: it fails on the model's outputs ({shown}) "
-                              f"and the batch's targets ({_shapes(targets)}); check the targets' shapes: "
-                              f"{_first_line(error)}")
+            try:
+                outputs = self.state.model(*inputs)
+                _read_back(outputs)
+            except Exception as error:  # noqa: BLE001 - any failure of the user's model is reported
+                return ValueError(f"Trainer: the first step failed in the model: {name} fails on the batch's inputs "
+                                  f"({_shapes(inputs)}): {_first_line(error)}")
+            try:
+                _read_back(self.loss_fn(outputs, *targets))
+            except Exception as error:  # noqa: BLE001
+                shown = _shapes(outputs if isinstance(outputs, tuple) else (outputs,))
+                return ValueError(f"Trainer: the first step failed in loss_fn: it fails on the model's outputs "
+                                  f"({shown}) and the batch's targets ({_shapes(targets)}); check the targets' "
+                                  f"shapes: {_first_line(error)}")
+        finally:
+            ms.set_context(mode=mode)
         return None
 
     def _end_epoch(self):
