@@ -28,6 +28,13 @@ def run_two_workers(script, out_dir, timeout=240):
     if msrun is None:
         pytest.skip("msrun (MindSpore's launcher) is not installed next to this Python")
     env = dict(os.environ, PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    # the workers run in out_dir: an installed ms_prune finds ../shared/data from the working
+    # directory, so name the data folder this process found
+    try:
+        from ms_prune.data import data_dir
+        env.setdefault("MS_PRUNE_DATA", data_dir())
+    except FileNotFoundError:
+        pass  # a worker that needs no data runs anyway; one that does names what is missing
     port = 20000 + (os.getpid() + hash(script)) % 20000
     logs_dir = os.path.join(str(out_dir), "logs")
     command = [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={port}", "--join=True",
