@@ -20,6 +20,7 @@ setup(
     long_description_content_type="text/markdown",
     packages=library_packages + model_packages,
     package_dir={"ms_prune.models": "models"},
+    entry_points={"console_scripts": ["ms-prune=ms_prune.cli:main"]},
     python_requires=">=3.9",
     install_requires=[
         "mindspore>=2.3",
@@ -30,7 +31,7 @@ setup(
     ],
     extras_require={
         # gguf: ms_prune.hub.smollm2_dir() converts SmolLM2's GGUF file (tests use the model)
-        "test": ["pytest", "tokenizers", "hypothesis", "gguf"],
+        "test": ["pytest", "pytest-xdist", "tokenizers", "hypothesis", "gguf"],
         "samples": ["tokenizers", "matplotlib", "gguf"],
         "hub": ["tokenizers", "gguf"],
     },

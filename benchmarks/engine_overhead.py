@@ -9,15 +9,11 @@ excluded), ``chunk`` steps per timed call; ``overhead_ratio`` is the ratio of th
 (Trainer / bare). Goal: at most 1.03.
 """
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ms_prune.benchmarking import compare_latency  # noqa: E402
-from ms_prune.training import set_context, write_json  # noqa: E402
+from ms_prune.benchmarking import compare_latency
+from ms_prune.training import set_context, write_json
 
 
 def main(argv=None):

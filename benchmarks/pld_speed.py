@@ -16,15 +16,11 @@ compute-then-select alternative (``ops.select`` on the same decision), which sav
     python benchmarks/pld_speed.py --quick --json results/pld_speed.json
 """
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor, nn, ops
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ms_prune.layer_drop import PLDLayer, ProgressiveLayerDrop, convert_to_pld, expected_layers_run, pld_layers
 from ms_prune.models.bert import BertConfig, BertModel

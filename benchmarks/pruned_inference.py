@@ -7,14 +7,10 @@ Goal: latency_ratio <= flops_ratio / 0.9 (the measured speed-up is at least 90% 
 prediction). Both models are timed interleaved in one process; ratios are of medians.
 """
 import argparse
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ms_prune.benchmarking import compare_latency, heads_with_smallest_output_norm, random_batch  # noqa: E402
-from ms_prune.hub import minilm_dir  # noqa: E402
-from ms_prune.training import set_context, write_json  # noqa: E402
+from ms_prune.benchmarking import compare_latency, heads_with_smallest_output_norm, random_batch
+from ms_prune.hub import minilm_dir
+from ms_prune.training import set_context, write_json
 
 
 def main(argv=None):

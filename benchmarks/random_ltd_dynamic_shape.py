@@ -13,16 +13,12 @@ how many steps at each length the dynamic graph's slower steps take to cost the 
 saves (None where it is not slower).
 """
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ms_prune.benchmarking import compare_latency  # noqa: E402
-from ms_prune.training import make_train_step, set_context, write_json  # noqa: E402
+from ms_prune.benchmarking import compare_latency
+from ms_prune.training import make_train_step, set_context, write_json
 
 
 def main(argv=None):

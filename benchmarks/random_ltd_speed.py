@@ -10,15 +10,11 @@ is about 3x forward for both, so the ratio is the same): projections scale with 
 length r, attention with r**2, and the LM head runs on all tokens in both.
 """
 import argparse
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from ms_prune.benchmarking import compare_latency  # noqa: E402
-from ms_prune.training import LMLoss, make_train_step, set_context, write_json  # noqa: E402
+from ms_prune.benchmarking import compare_latency
+from ms_prune.training import LMLoss, make_train_step, set_context, write_json
 
 
 def main(argv=None):

@@ -27,7 +27,7 @@ from mindspore import Parameter, Tensor, nn, ops
 from ms_prune.protocol import LayerCall
 
 from .modeling_utils import (Embedding, HeadPrunableAttention, Linear, NeuronPrunableFFN, OutputBias, PreTrainedCell,
-                             PretrainedConfig, PrunedUnits, causal_attention_bias)
+                             PretrainedConfig, PrunedUnits, causal_attention_bias, declare_hidden)
 
 __all__ = ["LlamaConfig", "LlamaModel", "LlamaForCausalLM", "greedy_generate"]
 
@@ -247,6 +247,29 @@ class LlamaPreTrainedCell(PreTrainedCell):
 
     def _hidden_size(self):
         return self.config.hidden_size
+
+    def hidden_channels(self):
+        """The hidden dimension: the token embedding (the tied LM head with it), every RMSNorm, the
+        inputs of q/k/v, gate and up projections (and of an untied ``lm_head``), the outputs of o_proj
+        and down_proj; channels scored at each layer's two norms' outputs (ModelOpt's Minitron).
+        After slicing, ``config.hidden_size`` is the new size and ``config.head_dim`` is explicit, so
+        a saved model reloads, and ``save_pretrained(standard=True)`` writes a plain LlamaConfig."""
+        base = self._backbone_name()
+        norms, reads, writes = [], [], []
+        for i, layer in enumerate(self.transformer_layers()):
+            prefix = f"{base}layers.{i}."
+            norms += [prefix + "input_layernorm", prefix + "post_attention_layernorm"]
+            reads += [prefix + p for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                           "mlp.gate_proj", "mlp.up_proj")]
+            writes += [prefix + "self_attn.o_proj", prefix + "mlp.down_proj"]
+        reads += ["lm_head"] if getattr(self, "lm_head", None) is not None else []
+        return declare_hidden(self, self.config.hidden_size, [base + "embed_tokens"], norms + [base + "norm"], reads,
+                              writes, attributes=["config.hidden_size"], after_surgery=self._hidden_changed,
+                              scored=norms)
+
+    def _hidden_changed(self):
+        # hidden_size / num_attention_heads no longer gives the head size
+        self.config.head_dim = self.attention_layers()[0].head_dim
 
     def standard_config(self):
         """A plain ``LlamaConfig`` of this model's shape (``head_dim`` explicit, no pruning records),

@@ -10,7 +10,6 @@ import json
 import logging
 import math
 import os
-import time
 
 import numpy as np
 import mindspore as ms
@@ -19,8 +18,9 @@ from mindspore.common.initializer import Normal, initializer
 
 from ms_prune import cost
 from ms_prune.fileio import atomic_write
-from ms_prune.protocol import (AttentionHeads, FFNUnits, LayerCall, TransformerAdapter, checked_units, head_positions,
-                               neuron_positions, refresh, resolve_path, slice_heads, slice_neurons, slice_projection)
+from ms_prune.protocol import (AttentionHeads, FFNUnits, HiddenChannels, LayerCall, TransformerAdapter, checked_units,
+                               head_positions, neuron_positions, refresh, resolve_cell, resolve_path, slice_heads,
+                               slice_neurons, slice_projection)
 
 logger = logging.getLogger(__name__)
 
@@ -334,6 +334,35 @@ class NeuronPrunableFFN(nn.Cell):
                         empty=functools.partial(remove_units, cell, inputs, output, layout))
 
 
+def declare_hidden(model, size, embeddings, norms, reads, writes, attributes=(), after_surgery=None, scored=None):
+    """A ``HiddenChannels`` for one of our models from the roles of its Cells (dotted paths below
+    ``model``; a path whose Cell is None, a projection removed with all its units, is skipped):
+    ``embeddings``, tables (rows, hidden), the first the token embedding; ``norms``, norms with a
+    ``weight`` (and ``bias``) of the hidden size; ``reads``, ``Linear`` projections from the hidden
+    states (weight axis 1); ``writes``, projections into them (weight axis 0 and bias: ``Linear`` or
+    ``OutputBias``). Their ``in_features``/``out_features`` follow the new size. ``scored``: the
+    norms whose outputs score the channels (default: all of ``norms``)."""
+    parameters, sizes = {}, list(attributes)
+    for path in embeddings:
+        parameters[path + ".weight"] = 1
+    for path in norms:
+        parameters.update({f"{path}.{k}": 0 for k in ("weight", "bias")
+                           if getattr(resolve_cell(model, path), k, None) is not None})
+    for path, axis, features in [(p, 1, "in_features") for p in reads] + [(p, 0, "out_features") for p in writes]:
+        cell = resolve_cell(model, path)
+        if cell is None:
+            continue
+        if getattr(cell, "weight", None) is not None:
+            parameters[path + ".weight"] = axis
+        if axis == 0 and getattr(cell, "bias", None) is not None:
+            parameters[path + ".bias"] = 0
+        if hasattr(cell, features):
+            sizes.append(f"{path}.{features}")
+    return HiddenChannels(size, parameters, norms=norms if scored is None else scored,
+                          embedding=embeddings[0] + ".weight" if embeddings else None, attributes=sizes,
+                          after_surgery=after_surgery)
+
+
 def slice_output_projection(projection, columns, layout):
     """Keep input features ``columns`` of an output projection (``layout``: 'linear' or 'conv1d');
     with none kept, what is left: an ``OutputBias``."""
@@ -600,6 +629,12 @@ class PreTrainedCell(nn.Cell):
         """The model width (the other axis of a unit's 2-D tensors)."""
         raise NotImplementedError
 
+    def hidden_channels(self):
+        """The ``HiddenChannels`` of the model (``declare_hidden``), for hidden-size pruning."""
+        raise NotImplementedError(f"{type(self).__name__} does not declare hidden_channels() (hidden-size pruning is "
+                                  f"built for our Llama): declare its embeddings, norms and the projections reading "
+                                  f"and writing the hidden states with modeling_utils.declare_hidden")
+
     def save_pretrained(self, directory, standard=False):
         """Write ``config.json`` + ``model.safetensors`` in our compact layout: pruned tensors keep
         their pruned shapes and ``config.pruned_heads`` records what is gone, so
@@ -800,6 +835,9 @@ class PreTrainedAdapter(TransformerAdapter):
 
     def layers_removed(self, kept):
         self.model.layers_removed(kept)
+
+    def hidden_channels(self):
+        return self.model.hidden_channels()
 
     def _prune_heads(self, heads_to_prune):
         return self.model.prune_heads(heads_to_prune)

@@ -164,3 +164,127 @@ def compact_vocabulary(*streams):
     lookup = np.zeros(int(used.max()) + 1, np.int32)
     lookup[used] = np.arange(len(used), dtype=np.int32)
     return [lookup[s] for s in streams], len(used)
+
+
+def token_rows(model_dir, texts, max_len):
+    """Each text as one row of token ids (a list), with the tokenizer of a Hugging Face-layout
+    model folder, unpadded and truncated to ``max_len`` tokens (special tokens kept)."""
+    tokenizer = token_encoder(model_dir).tokenizer
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_len)
+    return [e.ids for e in tokenizer.encode_batch(list(texts))]
+
+
+def pad_rows(rows, buckets):
+    """(ids, attention mask) of ``rows`` padded with 0 to the smallest of ``buckets`` that holds
+    the longest: a few lengths, so GRAPH_MODE compiles a few graphs rather than one per length."""
+    length = min(b for b in buckets if b >= max(len(r) for r in rows))
+    ids = np.zeros((len(rows), length), np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = row
+        mask[i, :len(row)] = 1
+    return ids, mask
+
+
+def row_batch_fn(rows, labels, batch_size, buckets, seed):
+    """A function step -> (ids, mask, labels), a random batch drawn from one length bucket (so
+    most batches are short), the same for a step every time (a resumed run sees what the
+    uninterrupted run saw)."""
+    lengths = np.array([len(r) for r in rows])
+    pools = [np.flatnonzero((lengths <= b) & (lengths > lo)) for lo, b in zip([0] + list(buckets[:-1]), buckets)]
+    pools = [p for p in pools if len(p)]
+    weights = np.array([len(p) for p in pools], np.float64) / len(rows)
+
+    def batch(step):
+        rng = np.random.default_rng((seed, step))
+        pool = pools[rng.choice(len(pools), p=weights)]
+        pick = pool[rng.integers(0, len(pool), batch_size)]
+        ids, mask = pad_rows([rows[i] for i in pick], buckets)
+        return ids, mask, labels[pick]
+    return batch
+
+
+def _split_text(text, split, val_fraction=0.1):
+    cut = int(len(text) * (1 - val_fraction))
+    return text[:cut] if split == "train" else text[cut:]
+
+
+def _read_text(name, data_dir=None):
+    with open(data_path(name, data_dir=data_dir), encoding="utf-8") as f:
+        return f.read()
+
+
+# name -> split ("train": training and calibration, "test": evaluation) -> (texts, labels or None)
+DATASETS = {
+    "austen": {"train": lambda d: ([read_austen(d)], None)},
+    "tinyshakespeare": {s: (lambda d, s=s: ([_split_text(_read_text("tinyshakespeare.txt", d), s)], None))
+                        for s in ("train", "test")},
+    "wikitext2": {"train": lambda d: ([read_wikitext2("valid", d)], None),
+                  "test": lambda d: ([read_wikitext2("test", d)], None)},
+    "sst2": {"train": lambda d: read_sst2("train", d), "test": lambda d: read_sst2("test", d)},
+    "agnews": {"train": lambda d: read_table(data_path("agnews", "dev.tsv", data_dir=d)),
+               "test": lambda d: read_table(data_path("agnews", "test.tsv", data_dir=d))},
+}
+TEXT_COLUMNS = ("text", "sentence")
+
+
+def _is_int(value):
+    try:
+        int(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def read_table(path):
+    """A TSV file of texts, or a JSONL file of objects with a "text" field: (texts, labels or
+    None). TSV: a header row (a column named text or sentence, and label) or none (the text in
+    the first column, an integer label in the last when every row has one)."""
+    import json
+    texts, labels = [], []
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise ValueError(f"{path}:{number}: each line must be a JSON object with a \"text\" string")
+                texts.append(row["text"])
+                labels.append(row.get("label"))
+        else:
+            rows = [r for r in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if r]
+            header = rows and not _is_int(rows[0][-1])
+            names = [c.strip().lower() for c in rows[0]] if header else []
+            text = next((names.index(c) for c in TEXT_COLUMNS if c in names), 0)
+            label = names.index("label") if "label" in names else (None if header or len(rows[0]) < 2 else -1)
+            for row in rows[1:] if header else rows:
+                texts.append(row[text].strip())
+                labels.append(row[label] if label is not None and len(row) > 1 else None)
+    if not texts:
+        raise ValueError(f"{path} holds no texts")
+    if any(label is None or not _is_int(label) for label in labels):
+        return texts, None
+    return texts, np.asarray([int(label) for label in labels], np.int32)
+
+
+def read_dataset(source, split="train", data_dir=None):
+    """(texts, labels or None) of a named data set (``DATASETS``: austen, tinyshakespeare,
+    wikitext2, sst2, agnews) or a file (.txt: one text; .tsv or .jsonl: ``read_table``).
+    ``split``: 'train' (training and calibration) or 'test' (evaluation); a named set keeps them
+    apart (WikiText-2 trains on valid and evaluates on test, tiny Shakespeare its first 90% and
+    last 10%); a file is the same for both."""
+    if split not in ("train", "test"):
+        raise ValueError(f"read_dataset: split must be 'train' or 'test', got {split!r}")
+    if source in DATASETS:
+        if split not in DATASETS[source]:
+            raise ValueError(f"{source} has no {split!r} split (it has {sorted(DATASETS[source])}): "
+                             f"evaluate on another data set")
+        return DATASETS[source][split](data_dir)
+    if not os.path.isfile(source):
+        raise FileNotFoundError(f"{source!r} is neither a named data set ({', '.join(sorted(DATASETS))}) nor a file")
+    if source.endswith((".tsv", ".jsonl")):
+        return read_table(source)
+    with open(source, encoding="utf-8") as f:
+        return [f.read()], None

@@ -14,6 +14,9 @@ method, or one registered for its class with :func:`register_adapter`):
 * ``attention(i)``: an :class:`AttentionHeads`, where layer i's heads are: its Q/K/V (or fused QKV)
   projections, its output projection, head size, query and key/value head counts.
 * ``ffn(i)`` (optional): an :class:`FFNUnits`, where layer i's FFN neurons are.
+* ``hidden_channels()`` (optional): a :class:`HiddenChannels`, every tensor that carries the hidden
+  dimension (embeddings, norms, the projections reading and writing the residual stream, the LM
+  head), for hidden-size pruning (:func:`slice_hidden`).
 
 Head gates and GradNAS masks sit on the input of the output projection (:class:`GatedInput`): the
 per-head context is exactly that input, so no attention code is touched. Surgery
@@ -34,13 +37,14 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, Tensor, nn
 
+from ms_prune.training import release_graphs
 from ms_prune.validation import check_int
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AttentionHeads", "FFNUnits", "GatedInput", "LayerCall", "LayerWrapper", "SurgeryError",
+__all__ = ["AttentionHeads", "FFNUnits", "GatedInput", "HiddenChannels", "LayerCall", "LayerWrapper", "SurgeryError",
            "TransformerAdapter", "adapter", "attach_gates", "check_declaration", "detach_gates", "gates_of",
-           "refresh", "register_adapter", "remember_inputs"]
+           "refresh", "register_adapter", "remember_inputs", "slice_hidden"]
 
 LAYOUTS = ("linear", "conv1d")
 
@@ -257,6 +261,79 @@ class FFNUnits(_Units):
         self.kept_neurons = self.kept
 
 
+class HiddenChannels:
+    """Where a model's hidden dimension is (the embedding channels, the width of the residual stream),
+    for hidden-size pruning (Minitron's embedding channels): every tensor that carries it, so that
+    :func:`slice_hidden` can keep a subset of the channels everywhere at once.
+
+    ``parameters``: ``{dotted path of a Parameter below the model: axis}`` for every Parameter with
+    the hidden dimension: the token (and any position) embedding tables, every norm's weight and bias,
+    the input axis of every projection reading the residual stream (Q/K/V, FFN inputs, an untied LM
+    head), the output axis (and bias) of every projection writing into it (attention and FFN output
+    projections). A tied LM head is the embedding's own tensor: list it once (paths naming one shared
+    Parameter are sliced once and keep sharing). ``size``: the current hidden size; every listed axis
+    must have it. ``norms``: dotted paths of the Cells whose outputs score the channels (each layer's
+    norms, Minitron). ``embedding``: the path (among ``parameters``) of the token embedding table,
+    whose column norms are the 'magnitude' score. ``attributes``: dotted paths of int attributes
+    below the model that must become the new size (``config.hidden_size``, a projection's
+    ``in_features``, ``nn.Embedding``'s ``embedding_size``). ``after_surgery``: a function of no
+    arguments for other derived state (ours make ``config.head_dim`` explicit, since hidden_size /
+    num_heads no longer gives it).
+
+    A norm over fewer channels normalises by statistics of those channels only (RMSNorm's mean
+    square, LayerNorm's mean and variance): the pruned model does not compute the unpruned one's
+    function even where the removed channels were small. That is inherent to Minitron's hidden
+    pruning and why it is followed by distillation."""
+
+    def __init__(self, size, parameters, norms=(), embedding=None, attributes=(), after_surgery=None):
+        owner = "HiddenChannels"
+        self.size = check_int(owner, "size", size, minimum=1)
+        if not isinstance(parameters, dict) or not parameters:
+            raise TypeError(f"{owner}: parameters must be a non-empty dict {{parameter path: axis}}, got {parameters!r}")
+        self.parameters = {str(p): check_int(owner, f"parameters[{p!r}]", a, minimum=0) for p, a in parameters.items()}
+        self.norms = (norms,) if isinstance(norms, str) else tuple(norms)
+        if embedding is not None and embedding not in self.parameters:
+            raise ValueError(f"{owner}: embedding {embedding!r} must be one of the parameters")
+        self.embedding = embedding
+        self.attributes = (attributes,) if isinstance(attributes, str) else tuple(attributes)
+        if after_surgery is not None and not callable(after_surgery):
+            raise TypeError(f"{owner}: after_surgery must be None or a function of no arguments, "
+                            f"got {type(after_surgery).__name__}")
+        self.after_surgery = after_surgery
+
+    def problems(self, model):
+        """What the declaration names that ``model`` does not have, as sentences (none: it fits)."""
+        problems = []
+        for path, axis in self.parameters.items():
+            try:
+                owner, name = resolve_path(model, path)
+            except AttributeError:
+                problems.append(f"no parameter {path!r}")
+                continue
+            param = getattr(owner, name)
+            if not isinstance(param, Parameter):
+                problems.append(f"{path!r} is a {type(param).__name__}, not a Parameter")
+            elif axis >= len(param.shape) or param.shape[axis] != self.size:
+                problems.append(f"{path!r} has shape {tuple(param.shape)}: no axis {axis} of the hidden size "
+                                f"{self.size}")
+        for path in self.norms:
+            try:
+                if not isinstance(resolve_cell(model, path), nn.Cell):
+                    problems.append(f"norm {path!r} is not a Cell")
+            except AttributeError:
+                problems.append(f"no norm Cell {path!r}")
+        for path in self.attributes:
+            try:
+                owner, name = resolve_path(model, path)
+            except AttributeError:
+                problems.append(f"no attribute {path!r}")
+                continue
+            value = getattr(owner, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                problems.append(f"attribute {path!r} is {value!r}, not an int")
+        return problems
+
+
 # --------------------------------------------------------------------------------------------
 # Wrappers that keep the model's parameter names
 # --------------------------------------------------------------------------------------------
@@ -320,7 +397,9 @@ def refresh(model):
     in the model (or checkpoints would silently drop or collide on tensors), and makes graph mode
     compile anew: MindSpore caches a Cell's graph by its creation time and id, so a model run before
     the change would otherwise keep running its old graph, silently. Cells that wrap the model (loss
-    or train-step Cells) hold their own graphs: build them after the change."""
+    or train-step Cells) hold their own graphs: build them after the change. The graphs compiled for
+    the model's Cells so far can never run again, so they are freed (``training.release_graphs``)."""
+    release_graphs(*(cell for _, cell in model.cells_and_names()))
     for name, param in model.parameters_and_names():
         param.name = name
     stamp = time.time_ns()
@@ -364,6 +443,16 @@ class TransformerAdapter:
     def ffn(self, layer):
         """None when the model's FFN neurons are not prunable."""
         return None
+
+    def hidden_channels(self):
+        """A :class:`HiddenChannels`: every tensor carrying the hidden dimension, for hidden-size
+        pruning. Optional: a model that declares none keeps its hidden size."""
+        raise NotImplementedError(
+            f"{type(self).__name__} declares no hidden_channels(): hidden-size pruning needs a HiddenChannels "
+            f"listing every Parameter with the hidden dimension and its axis (token/position embeddings, norm "
+            f"weights and biases, the input axis of Q/K/V, FFN-input and untied LM-head projections, the output axis "
+            f"and bias of attention and FFN output projections), the norms whose outputs score the channels, and the "
+            f"int attributes holding the size (config.hidden_size, ...)")
 
     # ---- derived ---------------------------------------------------------------------------------
     def num_layers(self):
@@ -827,6 +916,63 @@ def slice_neurons(ffn, positions, layer):
     _record(ffn, positions, {"neurons": len(positions), "width": len(positions)})
 
 
+def hidden_of(model, owner="slice_hidden"):
+    """The model's checked :class:`HiddenChannels`; a ValueError naming what to declare when it has
+    none, or what it declares wrongly."""
+    model_adapter = adapter(model)
+    try:
+        hidden = model_adapter.hidden_channels()
+    except NotImplementedError as err:
+        raise ValueError(f"{owner}: {type(model).__name__} cannot be hidden-pruned: {err}") from None
+    except (AttributeError, TypeError, ValueError) as err:
+        raise ValueError(f"{owner}: {type(model_adapter).__name__}.hidden_channels() is not a valid declaration for "
+                         f"{type(model).__name__}: {err}") from None
+    if not isinstance(hidden, HiddenChannels):
+        raise TypeError(f"{owner}: {type(model_adapter).__name__}.hidden_channels() must return a HiddenChannels, "
+                        f"got {type(hidden).__name__}")
+    problems = hidden.problems(model)
+    if problems:
+        raise ValueError(f"{owner}: {type(model_adapter).__name__}.hidden_channels() declares what "
+                         f"{type(model).__name__} does not have: " + "; ".join(problems))
+    return hidden
+
+
+def slice_hidden(model, keep):
+    """Keep the hidden channels ``keep`` (sorted, distinct indices into the current channels) of a
+    model that declares its :class:`HiddenChannels`, in place: every declared tensor is sliced along
+    its axis (a Parameter shared by several paths, a tied LM head, once, and it stays shared), the
+    declared attributes get the new size, then ``after_surgery``; verified by a probe forward and
+    undone on failure (:func:`verified_surgery`). Returns the model. The one hidden-size surgery of
+    ms_prune."""
+    hidden = hidden_of(model)
+    keep = [keep] if isinstance(keep, (int, np.integer)) else list(keep)
+    bad = [k for k in keep if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < hidden.size]
+    if bad or not keep or keep != sorted(set(keep)):
+        raise ValueError(f"slice_hidden: keep must be sorted, distinct channel indices in 0..{hidden.size - 1}, at "
+                         f"least one; got {'out of range: ' + repr(bad) if bad else keep!r}")
+    if len(keep) == hidden.size:
+        return model
+    index = np.asarray(keep, np.int64)
+
+    def change():
+        sliced = {}  # id of an original Parameter -> its slice, so shared tensors stay one tensor
+        for path, axis in hidden.parameters.items():
+            owner, name = resolve_path(model, path)
+            old = getattr(owner, name)
+            if id(old) not in sliced:
+                sliced[id(old)] = Parameter(Tensor(np.ascontiguousarray(np.take(old.asnumpy(), index, axis=axis)),
+                                                   old.dtype), name=old.name, requires_grad=old.requires_grad)
+            setattr(owner, name, sliced[id(old)])
+        for path in hidden.attributes:
+            owner, name = resolve_path(model, path)
+            setattr(owner, name, len(keep))
+        if hidden.after_surgery is not None:
+            hidden.after_surgery()
+        refresh(model)
+        return model
+    return verified_surgery(adapter(model), "slice_hidden", change)
+
+
 # --------------------------------------------------------------------------------------------
 # Declarations checked before they are used, and surgery verified by a probe forward
 # --------------------------------------------------------------------------------------------
@@ -992,13 +1138,15 @@ def verified_surgery(model_adapter, what, change):
         frame = _user_frame(err)
         where = f" in {frame.filename}:{frame.lineno} `{frame.line}`" if frame else ""
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        declare = ("in HiddenChannels(attributes=[its dotted path, ...])" if what == "slice_hidden" else
+                   "in AttentionHeads/FFNUnits(count_attributes={name: 'heads' | 'kv_heads' | 'groups' | 'width' | "
+                   "'kv_width' | 'neurons'})")
         raise SurgeryError(
             f"{what} changed {type(model).__name__}, but its forward then failed{where}: {type(err).__name__}: "
             f"{message}. The model is restored to what it was. Likely cause: the model's code computes a shape from "
-            f"a head or neuron count or width it keeps as an attribute (e.g. reshape(B, N, C) with C the original "
-            f"width): declare that attribute in AttentionHeads/FFNUnits(count_attributes={{name: 'heads' | "
-            f"'kv_heads' | 'groups' | 'width' | 'kv_width' | 'neurons'}}), or an after_surgery function, or read it "
-            f"from the input's shape in the model's code") from err
+            f"a count or width it keeps as an attribute (e.g. reshape(B, N, C) with C the original width): declare "
+            f"that attribute {declare}, or an after_surgery function, or read it from the input's shape in the "
+            f"model's code") from err
     finally:
         ms.set_context(mode=mode)
         model.set_train(training)

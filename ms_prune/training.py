@@ -1,17 +1,18 @@
 """Small pieces every sample, benchmark and algorithm test needs: context set-up, a compiled
 training step, result files."""
-import argparse
+import ctypes
 import gc
 import json
 import logging
 import math
 import os
-import shutil
+import re
+import weakref
 
 import numpy as np
 
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Parameter, Tensor, amp, nn, ops
 
 
 DEVICE_TARGETS = ("CPU", "GPU", "Ascend")
@@ -82,6 +83,196 @@ def compile_in_pynative(cell):
     if ms.get_context("mode") == ms.PYNATIVE_MODE:
         cell.construct = ms.jit(cell.construct)
     return cell
+
+
+# False only to measure what releasing graphs saves (benchmarks/memory.py --no-release)
+GRAPH_RELEASE = {"enabled": True}
+
+
+def _jit_phases(cell, phases):
+    # ms.jit names a method's graph "<function>.<create_time><phase>.<id(cell)>.<arguments>"
+    marker = re.compile(rf"\.{cell.create_time}[A-Za-z_]*\.{id(cell)}\.")
+    return {phase for phase in phases if marker.search(phase)}
+
+
+def live_graph_count():
+    """How many compiled graphs MindSpore holds in this process, in either mode (Cells' own and
+    ``ms.jit``'s): what ``release_graphs`` brings down."""
+    from mindspore.graph.api import cells_compile_cache, ms_compile_cache
+    return len(ms_compile_cache) + sum(len(cache) for cache in list(cells_compile_cache.values()))
+
+
+def release_graphs(*cells):
+    """Free the graphs MindSpore compiled for ``cells`` themselves (not their sub-Cells): GRAPH_MODE
+    keeps them on the Cell, ``ms.jit`` (``compile_in_pynative``) in a global record. For Cells whose
+    graphs cannot run again: a model's before surgery (``protocol.refresh``), a train step whose
+    optimizer was rebuilt, a finished scoring pass. Needed because MindSpore's executor holds a
+    compiled Cell (and everything it reaches: model, optimizer state) until its graphs are deleted,
+    so dropping the last Python reference frees nothing (measured on MiniLM: 0.8-2.8 GB per graph).
+    A released Cell that runs again compiles again, with the same result. Returns how many graphs
+    were freed; the heap's free pages go back to the system."""
+    if not GRAPH_RELEASE["enabled"]:
+        return 0
+    from mindspore.graph.api import _cell_graph_executor, ms_compile_cache
+    freed = 0
+    for cell in cells:
+        if cell is None:
+            continue
+        own, jitted = set(cell.compile_cache), _jit_phases(cell, ms_compile_cache)
+        if own:
+            _cell_graph_executor.del_net_res(cell, own)
+            cell.compile_cache.clear()
+        if jitted:
+            _cell_graph_executor.del_net_res(None, jitted)
+            if os.getenv("MS_DEV_JIT_PIPELINE") != "0":  # as mindspore.ms_memory_recycle does
+                from mindspore._c_expression import JitExecutor_
+                JitExecutor_.get_instance().del_net_res(None, jitted)
+            ms_compile_cache.difference_update(jitted)
+        freed += len(own) + len(jitted)
+    if freed:
+        trim_heap()
+    return freed
+
+
+def trim_heap():
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere nothing):
+    without it a freed graph's memory stays in the process's resident size."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+class CompiledCells(dict):
+    """{key: compiled Cell} one owner runs, such as a Trainer's train step per graph key.
+    ``clear()`` also frees their graphs (``release_graphs``); with ``owner`` that happens too when
+    the owner is garbage-collected, since MindSpore would otherwise keep the Cells alive."""
+
+    def __init__(self, owner=None):
+        super().__init__()
+        if owner is not None:
+            # not at exit: MindSpore may be torn down before the finalizer runs
+            weakref.finalize(owner, CompiledCells.clear, self).atexit = False
+
+    def clear(self):
+        release_graphs(*self.values())
+        super().clear()
+
+
+# what each ``precision`` computes the model's forward in; the weights stay float32 (master copy)
+PRECISIONS = {"fp32": None, "fp16": ms.float16, "bf16": ms.bfloat16}
+
+
+def _to_float32(x):
+    if x.dtype in (ms.float16, ms.bfloat16):
+        return ops.cast(x, ms.float32)
+    return x
+
+
+class Float32Outputs(nn.Cell):
+    """``model(*inputs)`` with low-precision float outputs cast to float32: the loss (and whatever
+    reads the outputs) then runs in float32 whatever the model computed in."""
+
+    def __init__(self, model):
+        super().__init__(auto_prefix=False)
+        self.model = model
+        self.hyper_map = ops.HyperMap()
+
+    def construct(self, *inputs):
+        outputs = self.model(*inputs)
+        if isinstance(outputs, tuple):
+            return self.hyper_map(_to_float32, outputs)
+        return _to_float32(outputs)
+
+
+def mixed_precision(model, precision):
+    """``model`` as the trainer differentiates it at ``precision``: 'fp32' is the model itself;
+    'fp16'/'bf16' wrap it (the model's own Cells are left as they are) in MindSpore's ``auto``
+    mixed precision: the matrix products (``mindspore.amp`` auto white list: MatMul, BatchMatMul,
+    Dense, ...) run in the low dtype, the ops of its black list (LayerNorm, Softmax, LogSoftmax,
+    Exp, Log, Rsqrt, Pow, ...) in float32, the rest in their inputs' dtype; Parameters stay
+    float32 and are cast where a product reads them; the outputs are cast back to float32, so the
+    loss and any penalty term are float32."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return model
+    return amp.auto_mixed_precision(Float32Outputs(model), "auto", dtype)
+
+
+def check_precision_runs(owner, precision):
+    """A RuntimeError naming the operator and the back-end when this back-end has no kernel for
+    ``precision``'s matrix products (bfloat16 MatMul on CPU): said now rather than as a kernel
+    selection error from inside the first compiled step."""
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return
+    backend = ms.get_context("device_target")
+    a = ops.ones((2, 2, 2), dtype)
+    for name, run in (("MatMul", lambda: ops.matmul(a[0], a[0])), ("BatchMatMul", lambda: ops.bmm(a, a))):
+        try:
+            run().asnumpy()
+        except (RuntimeError, TypeError, ValueError) as error:
+            raise RuntimeError(unsupported_precision_message(owner, precision, name, backend, error)) from None
+
+
+def unsupported_precision_message(owner, precision, operator, backend, error):
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return (f"{owner}: precision={precision!r} cannot run on the {backend} back-end: its {operator} kernel has no "
+            f"{PRECISIONS[precision]} version (MindSpore: {first}); use precision='fp32'"
+            f"{'' if precision == 'fp16' else ' or fp16'}, or a device whose kernels support it")
+
+
+class LossScale(nn.Cell):
+    """Dynamic loss scaling for float16 training, by ``mindspore.amp.DynamicLossScaler``: the loss
+    is multiplied by the scale before the backward pass (small float16 gradients would flush to
+    zero otherwise), the gradients divided by it before the update. An update whose gradients are
+    not all finite is skipped and the scale halves (not below 1); after ``window`` finite updates
+    in a row it doubles. Scales are powers of 2, so scaling and unscaling are exact. The state
+    (scale, finite updates in a row, skipped updates) lives in Parameters the compiled step
+    updates."""
+
+    def __init__(self, scale=2.0 ** 16, window=2000):
+        super().__init__(auto_prefix=False)
+        self.scaler = amp.DynamicLossScaler(scale, 2, window)
+        # unique names: a graph refuses two Parameters of one name, and DynamicLossScaler's are generic
+        self.scaler.scale_value.name = "loss_scale.scale"
+        self.scaler.counter.name = "loss_scale.good_steps"
+        self.skipped = Parameter(Tensor(0, ms.int32), name="loss_scale.skipped", requires_grad=False)
+
+    def scale(self, loss):
+        return self.scaler.scale((loss,))[0]
+
+    def unscale(self, loss, grads):
+        """(loss / scale, grads / scale, whether every gradient is finite)."""
+        unscaled = self.scaler.unscale((loss,) + grads)
+        grads = unscaled[1:]
+        return unscaled[0], grads, amp.all_finite(grads)
+
+    def adjust(self, finite):
+        skipped = ops.assign_add(self.skipped, ops.cast(ops.logical_not(finite), ms.int32))
+        return ops.depend(self.scaler.adjust(finite), skipped)
+
+    def state_dict(self):
+        return {"scale": float(self.scaler.scale_value.asnumpy()), "good_steps": int(self.scaler.counter.asnumpy()),
+                "skipped_steps": int(self.skipped.asnumpy())}
+
+    def load_state_dict(self, state):
+        write_parameter(self.scaler.scale_value, float(state["scale"]))
+        write_parameter(self.scaler.counter, int(state["good_steps"]))
+        write_parameter(self.skipped, int(state["skipped_steps"]))
+
+
+class ScaledLoss(nn.Cell):
+    """``loss_net(*inputs)`` times the loss scale (a :class:`LossScale`): what the backward pass of
+    a float16 step differentiates."""
+
+    def __init__(self, loss_net, loss_scale):
+        super().__init__(auto_prefix=False)
+        self.loss_net = loss_net
+        self.loss_scale = loss_scale
+
+    def construct(self, *inputs):
+        return self.loss_scale.scale(self.loss_net(*inputs))
 
 
 def peak_memory_mb():
@@ -156,76 +347,30 @@ def lm_perplexity(model, tokens, batch_size, seq_len, max_batches=None):
     return math.exp(float(np.mean(losses)))
 
 
-# ranges for sample_cli's ``ranges``: counts, non-negative values, rates (> 0), fractions
-POSITIVE, NON_NEGATIVE, RATE, FRACTION, OPEN_FRACTION = (1, None), (0, None), (0, None, "open"), (0, 1), (0, 1, "open")
+def classification_accuracy(model, rows, labels, batch_size, buckets):
+    """Percentage of ``rows`` (token id lists, unpadded) whose argmax logit is their label, in
+    evaluation mode (the model's mode is restored after); rows are padded to ``buckets``
+    (``data.pad_rows``). A model returning a tuple gives its logits first."""
+    from ms_prune.data import pad_rows
+    was_training = model.training
+    model.set_train(False)
+    order = np.argsort([len(r) for r in rows])  # similar lengths together: fewer padded tokens
+    correct = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = order[start:start + batch_size]
+        # the last batch is filled up so that every batch has the same shape (no new graph)
+        ids, mask = pad_rows([rows[i] for i in chunk] + [[0]] * (batch_size - len(chunk)), buckets)
+        out = model(Tensor(ids), Tensor(mask))
+        logits = (out[0] if isinstance(out, tuple) else out).asnumpy()[:len(chunk)]
+        correct += int(np.sum(logits.argmax(-1) == np.asarray(labels)[chunk]))
+    model.set_train(was_training)
+    return 100.0 * correct / len(rows)
 
 
-def section_ranges(section, **ranges):
-    """{'section.key': range} for the keys of one config section."""
-    return {f"{section}.{key}": value for key, value in ranges.items()}
-
-
-def _device_argument(value):
-    try:
-        return device_target_name(value)
-    except ValueError as err:  # argparse prints only this exception's message
-        raise argparse.ArgumentTypeError(str(err)) from None
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """The sample's docstring as written, and every option's default in its help."""
-
-
-def sample_cli(script, doc, keys, quick_help, argv=None, extra_arguments=(), ranges=None):
-    """The command line every sample shares: ``--config`` (default: samples/configs/<name>.yaml
-    beside the script), ``--quick``, ``--device_target`` (CPU, GPU or Ascend, any case),
-    ``--json`` (results/<name>.json), plus ``extra_arguments`` ((flag, kwargs) pairs). Prints where
-    the JSON goes. Returns (args, config).
-
-    The config is checked against the sample's default config file at every depth
-    (``validation.check_like``): an unknown or misspelled key names its dotted path and the
-    allowed keys, a value of the wrong type names both, '1e-4' strings become floats, and keys a
-    file leaves out take the default's values. ``keys`` (the default's top-level keys) guards
-    the sample against its own default file. ``ranges`` ({dotted path: (min, max[, 'open'])})
-    bounds counts and rates (``validation.check_ranges``); checks that need the model are the
-    sample's.
-    """
-    import yaml
-    from ms_prune.validation import check_like, check_ranges
-    name = os.path.splitext(os.path.basename(script))[0]
-    default_path = os.path.join(os.path.dirname(os.path.abspath(script)), "configs", name + ".yaml")
-    parser = argparse.ArgumentParser(prog=os.path.basename(script), description=doc, formatter_class=_HelpFormatter)
-    parser.add_argument("--config", default=default_path,
-                        help="YAML settings, checked against the default file; keys it leaves out keep the default")
-    parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--device_target", default="CPU", type=_device_argument,
-                        help=f"one of {', '.join(DEVICE_TARGETS)} (any case)")
-    parser.add_argument("--json", default=os.path.join("results", name + ".json"), help="where the results go")
-    for flag, kwargs in extra_arguments:
-        parser.add_argument(flag, **kwargs)
-    args = parser.parse_args(argv)
-    default = _read_yaml(yaml, default_path)
-    if set(default) != set(keys):
-        raise ValueError(f"{default_path}: the sample expects top-level keys {sorted(keys)}, the file has "
-                         f"{sorted(default)}")
-    config = check_like(args.config, _read_yaml(yaml, args.config), default)
-    check_ranges(args.config, config, ranges or {})
-    print(f"{name}: settings from {os.path.abspath(args.config)}; results go to {os.path.abspath(args.json)}",
-          flush=True)
-    return args, config
-
-
-def _read_yaml(yaml, path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = yaml.safe_load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"config file {path} does not exist") from None
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path} is not valid YAML: {err}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{path}: expected a YAML mapping of settings, got {type(config).__name__}")
-    return config
+def under_msrun():
+    """Whether this process is a worker that MindSpore's ``msrun`` started (it gives each worker
+    its role in the environment); such a worker calls ``mindspore.communication.init()``."""
+    return os.environ.get("MS_ROLE") is not None
 
 
 def write_json(path, result):
@@ -236,20 +381,11 @@ def write_json(path, result):
         print(f"wrote {path}")
 
 
-def resume_from_checkpoints(checkpoints, resume):
-    """A sample phase's ``resume_from``: 'latest' when ``resume`` and ``checkpoints`` holds a
-    checkpoint; otherwise the phase starts over, so the folder's old checkpoints go (the Trainer
-    refuses a fresh run beside another run's checkpoints)."""
-    if resume and os.path.isfile(os.path.join(checkpoints, "latest")):
-        return "latest"
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    return None
-
-
 def release_graph_memory():
-    """Free the memory of compiled graphs no longer referenced: each compiled MiniLM graph holds GBs
-    of CPU memory (measured: ~2.7 GB for a 32 x 64 training step), so a run of several phases (or
-    models) that does not free them is OOM-killed."""
+    """Free every compiled graph of the process, also those of Cells still in use (they compile
+    again when run): each compiled MiniLM graph holds GBs of CPU memory (measured: ~2.7 GB for a
+    32 x 64 training step). The library frees the graphs that cannot run again by itself
+    (``release_graphs``); this is for a program that drops whole models between phases."""
     gc.collect()
     try:
         ms.ms_memory_recycle()
@@ -260,3 +396,4 @@ def release_graph_memory():
         if "changed size" not in str(err):
             raise
         logging.getLogger(__name__).warning("ms_memory_recycle stopped early (%s); continuing", err)
+    trim_heap()

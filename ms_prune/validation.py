@@ -159,3 +159,17 @@ def check_amount_or_percent(owner, name, value):
                              f"(0 < P <= 100), {_got(value)}")
         return None, percent / 100.0
     return check_number(owner, name, value, minimum=0, min_open=True), None
+
+
+def deprecated_alias(function, old_name):
+    """``function`` under the name an earlier release gave it: same behaviour, plus a
+    ``DeprecationWarning`` naming the new name, so old code keeps running while it moves."""
+    import functools
+    import warnings
+
+    @functools.wraps(function)
+    def alias(*args, **kwargs):
+        warnings.warn(f"{old_name} is deprecated: use {function.__name__}", DeprecationWarning, stacklevel=2)
+        return function(*args, **kwargs)
+    alias.__name__ = alias.__qualname__ = old_name
+    return alias

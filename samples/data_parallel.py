@@ -16,29 +16,22 @@ The global batch (``batch_size``) must divide by the number of workers.
 """
 import logging
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mindspore as ms
 
-import mindspore as ms  # noqa: E402
+from ms_prune.data import lm_batch_fn, shakespeare_chars
+from ms_prune.engine import Trainer
+from ms_prune.engine.recipes import build_algorithms
+from ms_prune.training import lm_cross_entropy, lm_perplexity, set_context, under_msrun, write_json
 
-from ms_prune.data import lm_batch_fn, shakespeare_chars  # noqa: E402
-from ms_prune.engine import Trainer  # noqa: E402
-from ms_prune.engine.recipes import build_algorithms  # noqa: E402
-from ms_prune.training import (NON_NEGATIVE, POSITIVE, RATE, lm_cross_entropy, lm_perplexity,  # noqa: E402
-                               resume_from_checkpoints, sample_cli, section_ranges, set_context, write_json)
+from harness import NON_NEGATIVE, POSITIVE, RATE, resume_from_checkpoints, sample_cli, section_ranges
 
 KEYS = {"model", "seq_len", "batch_size", "steps", "quick_steps", "lr", "algorithms", "eval_batches",
         "log_every", "seed"}
 RANGES = {"seq_len": POSITIVE, "batch_size": POSITIVE, "steps": POSITIVE, "quick_steps": POSITIVE, "lr": RATE,
           "eval_batches": POSITIVE, "log_every": POSITIVE, "seed": NON_NEGATIVE,
           **section_ranges("model", n_layer=POSITIVE, n_embd=POSITIVE, n_head=POSITIVE)}
-
-
-def under_msrun():
-    """msrun starts each worker with its role in the environment."""
-    return os.environ.get("MS_ROLE") is not None
 
 
 def main(argv=None):

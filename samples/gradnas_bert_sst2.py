@@ -25,7 +25,6 @@ already in the JSON; so the full schedule can be run in parts.
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 
@@ -33,15 +32,13 @@ import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ms_prune.benchmarking import compare_latency
+from ms_prune.data import row_batch_fn
+from ms_prune.engine.trainer import ModelLoss
+from ms_prune.training import classification_accuracy, release_graph_memory, set_context, write_json
 
-from lrp_bert_sst2 import (accuracy, cross_entropy, fine_tuned_model, freeze, sst2_rows, train,  # noqa: E402
-                           train_batch_fn)
-from ms_prune.benchmarking import compare_latency  # noqa: E402
-from ms_prune.engine.trainer import ModelLoss  # noqa: E402
-from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, sample_cli,  # noqa: E402
-                               release_graph_memory, section_ranges, set_context, write_json)
+from harness import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, cross_entropy, fine_tuned_model, freeze,
+                     sample_cli, section_ranges, sst2_rows, train_phase)
 
 KEYS = {"max_len", "buckets", "batch_size", "eval_batch_size", "freeze_word_embeddings", "finetune", "scoring",
         "seq_len", "budgets", "quick_budgets", "methods", "recovery", "latency", "log_every", "seed"}
@@ -124,9 +121,10 @@ def main(argv=None):
     t0 = time.time()
     (train_rows, train_labels), (test_rows, test_labels) = sst2_rows(minilm_dir(), config["max_len"])
     print(f"SST-2: {len(train_rows)} train / {len(test_rows)} test sentences", flush=True)
-    batches = train_batch_fn(train_rows, train_labels, config["batch_size"], buckets, config["seed"])
+    batches = row_batch_fn(train_rows, train_labels, config["batch_size"], buckets, config["seed"])
     first_step = pick(config["finetune"])  # every recovery (and the fair baseline) sees the same batches after it
-    evaluate = lambda m: accuracy(m, test_rows, test_labels, config["eval_batch_size"], buckets)  # noqa: E731
+    evaluate = lambda m: classification_accuracy(  # noqa: E731
+        m, test_rows, test_labels, config["eval_batch_size"], buckets)
 
     folder, trained_now = fine_tuned_model(config, quick, batches, log_every, args.resume)
     model = BertForSequenceClassification.from_pretrained(folder)
@@ -152,8 +150,8 @@ def main(argv=None):
     else:
         same_steps = BertForSequenceClassification.from_pretrained(folder)
         freeze(same_steps, config["freeze_word_embeddings"])
-        train(same_steps, batches, first_step, pick(rec), rec["lr"], rec["weight_decay"], log_every,
-              tempfile.mkdtemp(), False)
+        train_phase(same_steps, cross_entropy, batches, first_step, pick(rec), rec["lr"], rec["weight_decay"],
+                    log_every, tempfile.mkdtemp(), False, warmup=True)
         result["baseline_accuracy_finetuned"] = evaluate(same_steps)
         del same_steps
         release_graph_memory()
@@ -169,8 +167,8 @@ def main(argv=None):
         fisher.check_matches(model, scores_path)
         result["score_seconds"] = previous["score_seconds"]
     else:  # one scoring pass (fixed shape: max_len tokens, one graph); reused for every budget
-        scoring = train_batch_fn(train_rows, train_labels, config["batch_size"], [config["max_len"]],
-                                 config["seed"] + 1)
+        scoring = row_batch_fn(train_rows, train_labels, config["batch_size"], [config["max_len"]],
+                               config["seed"] + 1)
         score_batches = [scoring(i) for i in range(score_count)]
         start = time.time()
         fisher = compute_scores(model, ModelLoss(model, cross_entropy, -1), score_batches)
@@ -226,8 +224,8 @@ def main(argv=None):
                                         repeats=pick(lat, "repeats"))
                 entry["latency_ratio"] = times["pruned"] / times["unpruned"]
             freeze(candidate, config["freeze_word_embeddings"])
-            train(candidate, batches, first_step, pick(rec), rec["lr"], rec["weight_decay"], log_every,
-                  tempfile.mkdtemp(), False)
+            train_phase(candidate, cross_entropy, batches, first_step, pick(rec), rec["lr"], rec["weight_decay"],
+                        log_every, tempfile.mkdtemp(), False, warmup=True)
             entry["accuracy_finetuned"][name] = evaluate(candidate)
             del candidate
             release_graph_memory()

@@ -25,24 +25,19 @@
 """
 import logging
 import os
-import sys
 import time
 
 import numpy as np
 import mindspore as ms
 from mindspore import Tensor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ms_prune import cost
+from ms_prune.benchmarking import compare_latency
+from ms_prune.data import data_path, lm_batch_fn, read_wikitext2, token_encoder
+from ms_prune.engine.trainer import ModelLoss
+from ms_prune.training import lm_cross_entropy, lm_perplexity, release_graph_memory, set_context, write_json
 
-from lrp_gpt_shakespeare import train  # noqa: E402
-from ms_prune import cost  # noqa: E402
-from ms_prune.benchmarking import compare_latency  # noqa: E402
-from ms_prune.data import data_path, lm_batch_fn, read_wikitext2, token_encoder  # noqa: E402
-from ms_prune.engine.trainer import ModelLoss  # noqa: E402
-from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, lm_cross_entropy,  # noqa: E402
-                               lm_perplexity, release_graph_memory, sample_cli, section_ranges, set_context,
-                               write_json)
+from harness import NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, sample_cli, section_ranges, train_phase
 
 KEYS = {"seq_len", "calibration", "scoring", "budgets", "quick_budgets", "methods", "quick_methods", "eval_windows",
         "quick_eval_windows", "finetune", "latency", "log_every", "seed"}
@@ -172,8 +167,8 @@ def main(argv=None):
 
     def finetune(m, tag):
         """pick(ft) steps on the engine's Trainer, every model on the same batches (checkpointed, resumable)."""
-        train(m, ft_batches, 0, pick(ft), ft["lr"], ft["weight_decay"], log_every,
-              os.path.join(checkpoints, tag + ("_quick" if quick else "")), args.resume)
+        train_phase(m, lm_cross_entropy, ft_batches, 0, pick(ft), ft["lr"], ft["weight_decay"], log_every,
+                    os.path.join(checkpoints, tag + ("_quick" if quick else "")), args.resume)
 
     finetuned = {}  # "<method>_<budget>" -> perplexity after the fine-tune (finetune.methods only)
     for keep in pick(config, "budgets"):

@@ -22,27 +22,21 @@ Every training phase runs on ``ms_prune.engine.Trainer`` with checkpoints (``--r
 Goal: at least half of the 72 heads removed with at most 1.0 point of accuracy lost, against the
 better of the two unpruned baselines.
 """
-import hashlib
-import json
 import logging
 import os
-import shutil
-import sys
 import time
 
 import numpy as np
 import mindspore as ms
-from mindspore import Tensor, nn, ops
+from mindspore import Tensor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ms_prune.benchmarking import compare_latency
+from ms_prune.data import row_batch_fn
+from ms_prune.engine.recipes import build_algorithms
+from ms_prune.training import classification_accuracy, release_graph_memory, set_context, write_json
 
-from ms_prune.benchmarking import compare_latency  # noqa: E402
-from ms_prune.data import read_sst2  # noqa: E402
-from ms_prune.engine import Trainer  # noqa: E402
-from ms_prune.engine.recipes import build_algorithms  # noqa: E402
-from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, FRACTION, sample_cli,  # noqa: E402
-                               release_graph_memory, resume_from_checkpoints, section_ranges, set_context,
-                               write_json)
+from harness import (FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, cross_entropy, fine_tuned_model, freeze,
+                     sample_cli, section_ranges, sst2_rows, train_phase)
 
 KEYS = {"max_len", "buckets", "batch_size", "eval_batch_size", "freeze_word_embeddings", "finetune", "gates",
         "targets", "recovery", "latency", "log_every", "seed"}
@@ -62,126 +56,6 @@ def check_config(path, config):
     if not config["targets"] or not all(0 < t <= 1 for t in config["targets"]):
         raise ValueError(f"{path}: targets must be fractions in (0, 1], got {config['targets']}")
     return config
-
-
-def encode(tokenizer, sentences):
-    return [e.ids for e in tokenizer.encode_batch(sentences)]
-
-
-def sst2_rows(model_dir, max_len):
-    """SST-2 train and test (the GLUE dev set) as ((token id rows, labels), (rows, labels)), with
-    the tokenizer of ``model_dir``, unpadded and truncated to ``max_len``."""
-    from tokenizers import Tokenizer
-    tokenizer = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
-    tokenizer.no_padding()
-    tokenizer.enable_truncation(max_len)
-    splits = []
-    for split in ("train", "test"):
-        sentences, labels = read_sst2(split)
-        splits.append((encode(tokenizer, sentences), labels))
-    return splits
-
-
-def pad(rows, buckets):
-    length = min(b for b in buckets if b >= max(len(r) for r in rows))
-    ids = np.zeros((len(rows), length), np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, row in enumerate(rows):
-        ids[i, :len(row)] = row
-        mask[i, :len(row)] = 1
-    return ids, mask
-
-
-def train_batch_fn(rows, labels, batch_size, buckets, seed):
-    """A function step -> random batch drawn from one length bucket (so most batches are short),
-    the same for a step every time (a resumed run sees what the uninterrupted run saw)."""
-    lengths = np.array([len(r) for r in rows])
-    pools = [np.flatnonzero((lengths <= b) & (lengths > lo)) for lo, b in zip([0] + buckets[:-1], buckets)]
-    pools = [p for p in pools if len(p)]
-    weights = np.array([len(p) for p in pools], np.float64) / len(rows)
-
-    def batch(step):
-        rng = np.random.default_rng((seed, step))
-        pool = pools[rng.choice(len(pools), p=weights)]
-        pick = pool[rng.integers(0, len(pool), batch_size)]
-        ids, mask = pad([rows[i] for i in pick], buckets)
-        return ids, mask, labels[pick]
-    return batch
-
-
-def accuracy(model, rows, labels, batch_size, buckets):
-    model.set_train(False)
-    order = np.argsort([len(r) for r in rows])  # similar lengths together: fewer padded tokens
-    correct = 0
-    for start in range(0, len(rows), batch_size):
-        chunk = order[start:start + batch_size]
-        # the last batch is filled up so that every batch has the same shape (no new graph)
-        ids, mask = pad([rows[i] for i in chunk] + [[0]] * (batch_size - len(chunk)), buckets)
-        out = model(Tensor(ids), Tensor(mask))
-        logits = (out[0] if isinstance(out, tuple) else out).asnumpy()[:len(chunk)]
-        correct += int(np.sum(logits.argmax(-1) == labels[chunk]))
-    return 100.0 * correct / len(rows)
-
-
-def cross_entropy(logits, labels):
-    return ops.cross_entropy(logits, labels)
-
-
-def freeze(model, enabled):
-    if enabled:
-        for name, param in model.parameters_and_names():
-            if name.endswith("embeddings.word_embeddings.weight"):
-                param.requires_grad = False
-
-
-def train(model, batches, first_step, steps, lr, weight_decay, log_every, checkpoints, resume, algorithms=()):
-    """One phase on the engine's Trainer, on the batches from ``first_step`` on; lr warms up over
-    the first 10% of the steps, then decays linearly (without warm-up a short run can collapse to
-    one class); checkpointed in ``checkpoints`` and resumed from there with ``resume``."""
-    warmup = max(1, steps // 10)
-    schedule = [lr * min((t + 1) / warmup, (steps - t) / max(1, steps - warmup)) for t in range(steps)]
-
-    def adamw(params):
-        return nn.AdamWeightDecay(params, learning_rate=schedule, weight_decay=weight_decay)
-    trainer = Trainer(model, cross_entropy, lambda step: batches(first_step + step), max_steps=steps,
-                      algorithms=algorithms, optimizer=adamw, log_interval=log_every, checkpoint_dir=checkpoints,
-                      checkpoint_interval=log_every * 5,
-                      resume_from=resume_from_checkpoints(checkpoints, resume))
-    trainer.fit()
-    model.set_train(False)
-    del trainer
-    release_graph_memory()
-
-
-def fine_tuned_model(config, quick, batches, log_every, resume=False):
-    """The fine-tuned MiniLM folder and whether it was made now: made once per fine-tune setting
-    (in the ms_prune cache), so this sample and samples/gradnas_bert_sst2.py share it when their
-    settings agree; with ``resume``, an interrupted fine-tune goes on from its last checkpoint."""
-    from ms_prune.hub import default_cache_dir, minilm_dir
-    from ms_prune.models.bert import BertForSequenceClassification
-    ft = config["finetune"]
-    steps = ft["quick_steps"] if quick else ft["steps"]
-    key = {k: config[k] for k in ("max_len", "buckets", "batch_size", "freeze_word_embeddings", "seed")}
-    key.update(lr=ft["lr"], weight_decay=ft["weight_decay"], steps=steps, procedure="lrp_bert_sst2.train (Trainer)")
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    folder = os.path.join(default_cache_dir(), f"minilm-sst2-finetuned-{digest}")
-    if os.path.isfile(os.path.join(folder, "model.safetensors")):
-        print(f"fine-tuned MiniLM from the cache: {folder}", flush=True)
-        return folder, False
-    ms.set_seed(config["seed"])
-    model = BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
-    freeze(model, config["freeze_word_embeddings"])
-    print(f"fine-tuning MiniLM on SST-2 for {steps} steps of {config['batch_size']}", flush=True)
-    checkpoints = folder + ".checkpoints"
-    train(model, batches, 0, steps, ft["lr"], ft["weight_decay"], log_every, checkpoints, resume)
-    partial = folder + f".partial-{os.getpid()}"
-    model.save_pretrained(partial)
-    with open(os.path.join(partial, "finetune_settings.json"), "w", encoding="utf-8") as f:
-        json.dump(key, f, indent=2, sort_keys=True)
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(partial, folder)  # a run killed mid-save leaves no half folder to reuse
-    shutil.rmtree(checkpoints, ignore_errors=True)
-    return folder, True
 
 
 def main(argv=None):
@@ -204,10 +78,11 @@ def main(argv=None):
     directory = minilm_dir()
     (train_rows, train_labels), (test_rows, test_labels) = sst2_rows(directory, config["max_len"])
     print(f"SST-2: {len(train_rows)} train / {len(test_rows)} test sentences; MiniLM from {directory}", flush=True)
-    batches = train_batch_fn(train_rows, train_labels, config["batch_size"], buckets, config["seed"])
+    batches = row_batch_fn(train_rows, train_labels, config["batch_size"], buckets, config["seed"])
     work = os.path.join(os.path.dirname(os.path.abspath(args.json)), "lrp_bert_sst2_checkpoints")
     phase = lambda name: os.path.join(work, name + ("_quick" if quick else ""))  # noqa: E731
-    evaluate = lambda m: accuracy(m, test_rows, test_labels, config["eval_batch_size"], buckets)  # noqa: E731
+    evaluate = lambda m: classification_accuracy(  # noqa: E731
+        m, test_rows, test_labels, config["eval_batch_size"], buckets)
 
     ft = config["finetune"]
     finetuned, _ = fine_tuned_model(config, quick, batches, log_every, args.resume)
@@ -241,8 +116,8 @@ def main(argv=None):
     extra_steps = pick(g) + pick(rec)
     print(f"fair baseline: the fine-tuned model, unpruned, trained {extra_steps} more steps "
           f"(= gate steps + recovery steps)", flush=True)
-    train(same_steps, batches, pick(ft), extra_steps, rec["lr"], rec["weight_decay"], log_every, phase("baseline"),
-          args.resume)
+    train_phase(same_steps, cross_entropy, batches, pick(ft), extra_steps, rec["lr"], rec["weight_decay"], log_every,
+                phase("baseline"), args.resume, warmup=True)
     same_steps_accuracy = evaluate(same_steps)
     del same_steps
     release_graph_memory()
@@ -262,15 +137,15 @@ def main(argv=None):
         lrp = algorithms[0]
         print(f"target {target:.2f} of the heads: {lrp}, training gates for {pick(g)} steps, pruning at the end",
               flush=True)
-        train(pruned, batches, pick(ft), pick(g), g["lr"], rec["weight_decay"], log_every, phase(f"gates_{target}"), args.resume,
-              algorithms)
+        train_phase(pruned, cross_entropy, batches, pick(ft), pick(g), g["lr"], rec["weight_decay"], log_every,
+                    phase(f"gates_{target}"), args.resume, algorithms, warmup=True)
         # the gated model computes exactly this in evaluation (tests/algorithms), so it is not
         # evaluated separately
         pruned_accuracy = evaluate(pruned)
         print(f"  pruned (= gated model in evaluation, before recovery) {pruned_accuracy:.2f}%, "
               f"heads per layer {pruned.heads_per_layer()}", flush=True)
-        train(pruned, batches, pick(ft) + pick(g), pick(rec), rec["lr"], rec["weight_decay"], log_every,
-              phase(f"recovery_{target}"), args.resume)
+        train_phase(pruned, cross_entropy, batches, pick(ft) + pick(g), pick(rec), rec["lr"], rec["weight_decay"],
+                    log_every, phase(f"recovery_{target}"), args.resume, warmup=True)
         final_accuracy = evaluate(pruned)
         times = compare_latency({"fine-tuned": lambda: model(lat_ids, lat_mask),
                                  "pruned": lambda: pruned(lat_ids, lat_mask)},

@@ -18,20 +18,16 @@ that the LM head does not dominate a small model.
 """
 import logging
 import os
-import sys
 import tempfile
 import time
 
 import mindspore as ms
-from mindspore import ops
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ms_prune.data import compact_vocabulary, lm_batch_fn, shakespeare_tokens
+from ms_prune.engine.recipes import build_algorithms
+from ms_prune.training import lm_cross_entropy, lm_perplexity, set_context, write_json
 
-from ms_prune.data import compact_vocabulary, lm_batch_fn, shakespeare_tokens  # noqa: E402
-from ms_prune.engine import Trainer  # noqa: E402
-from ms_prune.engine.recipes import build_algorithms  # noqa: E402
-from ms_prune.training import (FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, lm_perplexity,  # noqa: E402
-                               resume_from_checkpoints, sample_cli, section_ranges, set_context, write_json)
+from harness import FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, sample_cli, section_ranges, train_phase
 
 KEYS = {"model", "seq_len", "batch_size", "train", "gates", "recovery", "eval_batches",
         "eval_batches_quick", "log_every", "seed"}
@@ -43,22 +39,6 @@ RANGES = {"seq_len": POSITIVE, "batch_size": POSITIVE, "eval_batches": POSITIVE,
           **section_ranges("recovery", weight_decay=NON_NEGATIVE, **SCHEDULE),
           **section_ranges("gates", warmup_fraction=FRACTION, **SCHEDULE),
           **section_ranges("gates.algorithms.lrp", target_fraction=OPEN_FRACTION, gate_lr=RATE, lagrangian_lr=RATE)}
-
-
-def lm_cross_entropy(logits, labels):
-    return ops.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
-def train(model, batches, first_step, steps, lr, weight_decay, log_every, checkpoints, resume, algorithms=()):
-    """One phase on the engine's Trainer, on the batches from ``first_step`` on, checkpointed in
-    ``checkpoints`` (and resumed from there)."""
-    trainer = Trainer(model, lm_cross_entropy, lambda step: batches(first_step + step), max_steps=steps, algorithms=algorithms,
-                      lr=lr, weight_decay=weight_decay, log_interval=log_every,
-                      checkpoint_dir=checkpoints, checkpoint_interval=log_every * 4,
-                      resume_from=resume_from_checkpoints(checkpoints, resume))
-    trainer.fit()
-    model.set_train(False)
-    return trainer
 
 
 def main(argv=None):
@@ -90,7 +70,8 @@ def main(argv=None):
     tr = config["train"]
     print(f"training GPT-2 ({m['n_layer']} layers x {m['n_head']} heads, d={m['n_embd']}) for {pick(tr)} steps "
           f"of {batch} x {seq}", flush=True)
-    train(model, batches, 0, pick(tr), tr["lr"], tr["weight_decay"], log_every, phase("train"), args.resume)
+    train_phase(model, lm_cross_entropy, batches, 0, pick(tr), tr["lr"], tr["weight_decay"], log_every, phase("train"),
+                args.resume)
     base = {"perplexity": ppl(model), "heads": sum(model.heads_per_layer()), "parameters": model.num_parameters(),
             "flops": model.forward_flops(seq)}
     print(f"trained model: validation perplexity {base['perplexity']:.2f} ({time.time() - t0:.0f} s)", flush=True)
@@ -101,9 +82,10 @@ def main(argv=None):
     copy = tempfile.mkdtemp(prefix="lrp_gpt_shakespeare_")
     model.save_pretrained(copy)
     same_steps = GPT2LMHeadModel.from_pretrained(copy)
-    train(same_steps, batches, pick(tr), pick(g), g["lr"], rec["weight_decay"], log_every, phase("baseline_gates"), args.resume)
-    train(same_steps, batches, pick(tr) + pick(g), pick(rec), rec["lr"], rec["weight_decay"], log_every, phase("baseline_recovery"),
-          args.resume)
+    train_phase(same_steps, lm_cross_entropy, batches, pick(tr), pick(g), g["lr"], rec["weight_decay"], log_every,
+                phase("baseline_gates"), args.resume)
+    train_phase(same_steps, lm_cross_entropy, batches, pick(tr) + pick(g), pick(rec), rec["lr"], rec["weight_decay"],
+                log_every, phase("baseline_recovery"), args.resume)
     base["perplexity_same_steps"] = ppl(same_steps)
     reference = min(base["perplexity"], base["perplexity_same_steps"])
     del same_steps
@@ -116,13 +98,14 @@ def main(argv=None):
                                   lrp={"warmup_steps": int(g["warmup_fraction"] * pick(g))})
     lrp = algorithms[0]
     print(f"LRP {lrp}: training gates for {pick(g)} steps, pruning at the end", flush=True)
-    gates = train(model, batches, pick(tr), pick(g), g["lr"], rec["weight_decay"], log_every, phase("gates"), args.resume,
-                  algorithms)
-    history = [(r["step"], r["loss"]) for r in gates.history]
+    gates = train_phase(model, lm_cross_entropy, batches, pick(tr), pick(g), g["lr"], rec["weight_decay"], log_every,
+                        phase("gates"), args.resume, algorithms)
+    history = [(r["step"], r["loss"]) for r in gates]
     pruned = model
     pruned_ppl = ppl(pruned)
     print(f"  pruned (before recovery) {pruned_ppl:.2f}, heads per layer {pruned.heads_per_layer()}", flush=True)
-    train(pruned, batches, pick(tr) + pick(g), pick(rec), rec["lr"], rec["weight_decay"], log_every, phase("recovery"), args.resume)
+    train_phase(pruned, lm_cross_entropy, batches, pick(tr) + pick(g), pick(rec), rec["lr"], rec["weight_decay"],
+                log_every, phase("recovery"), args.resume)
     final_ppl = ppl(pruned)
     run = {"target_heads": lrp.target, "heads": sum(pruned.heads_per_layer()),
            "heads_per_layer": pruned.heads_per_layer(), "pruned_heads": pruned.config.pruned_heads,

@@ -23,25 +23,23 @@ steps and time. Checkpoints after every chunk allow ``--resume``.
 """
 import logging
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import mindspore as ms
+from mindspore import Tensor, nn, ops
 
-import mindspore as ms  # noqa: E402
-from mindspore import Tensor, nn, ops  # noqa: E402
+from ms_prune.data import data_path, shakespeare_chars
+from ms_prune.engine import Trainer
+from ms_prune.engine.recipes import build_algorithms
+from ms_prune.models.bert import BertConfig, BertModel, activation
+from ms_prune.models.modeling_utils import LayerNorm, Linear
+from ms_prune.validation import check_ranges
+from ms_prune.training import set_context, write_json
 
-from ms_prune.benchmarking import (TimedRun, mean_ratio, per_seed, plot_time_to_quality, race, run_record,  # noqa: E402
-                                   time_to_quality)
-from ms_prune.data import data_path, shakespeare_chars  # noqa: E402
-from ms_prune.engine import Trainer  # noqa: E402
-from ms_prune.engine.recipes import build_algorithms  # noqa: E402
-from ms_prune.models.bert import BertConfig, BertModel, activation  # noqa: E402
-from ms_prune.models.modeling_utils import LayerNorm, Linear  # noqa: E402
-from ms_prune.validation import check_ranges  # noqa: E402
-from ms_prune.training import (FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, sample_cli,  # noqa: E402
-                               resume_from_checkpoints, section_ranges, set_context, write_json)
+from harness import (FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, TimedRun, mean_ratio, per_seed,
+                     plot_time_to_quality, race, resume_from_checkpoints, run_record, sample_cli, section_ranges,
+                     time_to_quality)
 
 KEYS = {"data", "model", "vocab_size", "seq_len", "batch_size", "mask_fraction", "steps", "quick_steps",
         "warmup_fraction", "weight_decay", "baseline", "pld", "sweep", "eval_every", "eval_batches",

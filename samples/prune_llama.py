@@ -20,8 +20,9 @@ Distillation is not in this sample yet (issue #20).
 import time
 
 from ms_prune.data import lm_batch_fn, read_austen, read_wikitext2, token_encoder
-from ms_prune.training import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, lm_perplexity, peak_memory_mb,
-                               release_graph_memory, sample_cli, section_ranges, set_context, write_json)
+from ms_prune.training import lm_perplexity, peak_memory_mb, release_graph_memory, set_context, write_json
+
+from harness import NON_NEGATIVE, OPEN_FRACTION, POSITIVE, sample_cli, section_ranges
 
 KEYS = {"seq_len", "calibration", "budgets", "quick_budgets", "variants", "quick_variants", "methods",
         "quick_methods", "refit", "eval_windows", "quick_eval_windows", "prompt", "new_tokens", "seed"}

@@ -9,15 +9,14 @@ The heads are chosen by a cheap data-free criterion (output-projection norm) to 
 mechanics; `samples/lrp_bert_sst2.py` learns which heads a task can lose.
 """
 import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ms_prune.benchmarking import compare_latency, heads_with_smallest_output_norm, random_batch
+from ms_prune.hub import minilm_dir
+from ms_prune.training import set_context, write_json
 
-from ms_prune.benchmarking import compare_latency, heads_with_smallest_output_norm, random_batch  # noqa: E402
-from ms_prune.hub import minilm_dir  # noqa: E402
-from ms_prune.training import NON_NEGATIVE, POSITIVE, sample_cli, section_ranges, set_context, write_json  # noqa: E402
+from harness import NON_NEGATIVE, POSITIVE, sample_cli, section_ranges
 
 KEYS = {"keep_heads_per_layer", "batch_size", "seq_len", "repeats", "quick", "output_dir"}
 RANGES = {"keep_heads_per_layer": NON_NEGATIVE, "batch_size": POSITIVE, "seq_len": POSITIVE, "repeats": POSITIVE,

@@ -24,18 +24,15 @@ evaluation is excluded. Writes a JSON (``--json``) and a PNG of perplexity again
 """
 import logging
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ms_prune.data import compact_vocabulary, lm_batch_fn, shakespeare_chars, shakespeare_tokens
+from ms_prune.engine import Trainer
+from ms_prune.engine.recipes import build_algorithms
+from ms_prune.training import lm_cross_entropy, lm_perplexity, set_context, write_json
 
-from ms_prune.benchmarking import (TimedRun, mean_ratio, per_seed, plot_time_to_quality, race, run_record,  # noqa: E402
-                                   time_to_quality)
-from ms_prune.data import compact_vocabulary, lm_batch_fn, shakespeare_chars, shakespeare_tokens  # noqa: E402
-from ms_prune.engine import Trainer  # noqa: E402
-from ms_prune.engine.recipes import build_algorithms  # noqa: E402
-from ms_prune.training import (lm_cross_entropy, lm_perplexity, sample_cli, set_context,  # noqa: E402
-                               write_json, FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, section_ranges,
-                               resume_from_checkpoints)
+from harness import (FRACTION, NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, TimedRun, mean_ratio, per_seed,
+                     plot_time_to_quality, race, resume_from_checkpoints, run_record, sample_cli, section_ranges,
+                     time_to_quality)
 
 KEYS = {"data", "model", "seq_len", "batch_size", "steps", "quick_steps", "learning_rate", "min_learning_rate",
         "warmup_fraction", "weight_decay", "random_ltd", "eval_every", "eval_batches", "eval_batches_quick",

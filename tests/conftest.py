@@ -10,6 +10,11 @@ from ms_prune.training import set_context
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+SAMPLES_DIR = os.path.join(ROOT, "samples")
+# what Python gives a script run as `python samples/<name>.py`: the samples' harness beside it
+# (samples/harness.py, imported as `harness`); appended, so it shadows nothing installed
+if SAMPLES_DIR not in sys.path:
+    sys.path.append(SAMPLES_DIR)
 
 
 @pytest.fixture(params=["graph", "pynative"])
@@ -20,9 +25,11 @@ def mode(request):
     set_context("pynative")
 
 
-def run_two_workers(script, out_dir, timeout=240):
+def run_two_workers(script, out_dir, timeout=900):
     """Run ``script OUT_DIR`` as two CPU data-parallel workers with MindSpore's ``msrun`` (skips
-    when it is not installed next to this Python); fails with the workers' log tails."""
+    when it is not installed next to this Python); fails with the workers' log tails. The timeout
+    is generous: the equal-run phase trains every algorithm of the suite, and a loaded 2-core
+    machine runs it several times slower."""
     bin_dir = os.path.dirname(sys.executable)
     msrun = shutil.which("msrun", path=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     if msrun is None:

@@ -1,4 +1,4 @@
-"""Every ```python block of README.md and of the algorithm READMEs runs as written, so a
+"""Every ```python block of README.md, of the algorithm READMEs and of docs/ runs as written, so a
 documented example cannot rot. The blocks of one file run in order in one process (a later block
 may use an earlier one's names), from the repository root. A block that cannot run here is
 marked by the line ``<!-- not runnable: REASON -->`` right above it, and the reason is required."""
@@ -12,7 +12,9 @@ import pytest
 
 from conftest import ROOT
 
-DOCS = sorted(["README.md"] + [os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "ms_prune", "*", "README.md"))])
+DOCS = sorted(["README.md"] + [os.path.relpath(p, ROOT) for pattern in (("ms_prune", "*", "README.md"), ("docs", "*.md"),
+                                                                          ("docs", "results", "*.md"))
+                                 for p in glob.glob(os.path.join(ROOT, *pattern))])
 BLOCK = re.compile(r"(<!--\s*not runnable:?(?P<reason>[^>]*)-->\s*\n)?```python\n(?P<code>.*?)```", re.S)
 
 
@@ -45,3 +47,14 @@ def test_committed_files_the_docs_name_exist(path):
     named = set(re.findall(r"(?<![\w/.])((?:docs/figures|samples/configs)/[\w./-]+\.(?:png|yaml))", text))
     missing = sorted(p for p in named if not os.path.isfile(os.path.join(ROOT, p)))
     assert not missing, f"{path} names files that are not in the repository: {missing}"
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_the_docs_links_resolve(path):
+    # a relative markdown link or image is a file beside the page (README -> docs/, pages -> figures)
+    with open(os.path.join(ROOT, path), encoding="utf-8") as f:
+        text = f.read()
+    links = re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", text)
+    here = os.path.dirname(os.path.join(ROOT, path))
+    broken = sorted(link for link in links if "://" not in link and not os.path.exists(os.path.join(here, link)))
+    assert not broken, f"{path} links to files that do not exist: {broken}"

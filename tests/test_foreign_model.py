@@ -187,7 +187,7 @@ def test_the_adapter_is_a_short_declaration():
 
 def test_lrp_gated_evaluation_equals_the_pruned_model(mode):
     model, data = make_model(), batch()
-    gates = apply_lrp(model, host_noise=True)
+    gates = apply_lrp(model, host_noise=True).cells
     # parameter names are the model's own plus the gates'
     names = [name for name, _ in model.parameters_and_names()]
     assert "layers.0.attention.output_dense.weight" in names and "layers.0.attention.output_dense.head_gate.log_a" in names

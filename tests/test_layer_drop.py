@@ -357,7 +357,7 @@ def test_host_noise_decides_which_layers_run(mode):
 
 def test_functional_form_and_argument_errors():
     model = bert_model(num_hidden_layers=2)
-    schedule = apply_progressive_layer_drop(model, theta=0.4, gamma=0.01, seed=3)
+    schedule = apply_progressive_layer_drop(model, theta=0.4, gamma=0.01, seed=3).schedule
     assert isinstance(schedule, ProgressiveLayerDrop) and schedule.theta_bar == 0.4
     assert len(pld_layers(model)) == 2 and pld_noise(model) is None  # in-graph draws by default
     remove_progressive_layer_drop(model)

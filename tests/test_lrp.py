@@ -63,7 +63,7 @@ def test_gates_on_the_top_model(mode):
     model.set_train(False)
     inputs = bert_inputs(np.random.default_rng(0))
     plain = model(*inputs).asnumpy()
-    gates = apply_lrp(model, l0_penalty=0.5)
+    gates = apply_lrp(model, l0_penalty=0.5).cells
     np.testing.assert_array_equal(model(*inputs).asnumpy(), plain)  # gates start open (eval gate exactly 1)
     penalty = sum(float(g.get_penalty().asnumpy()) for g in gates)
     np.testing.assert_allclose(penalty, sum(0.5 * g.expected_open() for g in gates), rtol=1e-5)
@@ -297,7 +297,7 @@ def test_a_failed_surgery_changes_nothing(monkeypatch):
     ms.set_seed(0)
     # the engine-free form: gates in place, surgery fails -> the same gates are back, decision kept
     model = bert_toy()
-    gates = apply_lrp(model)
+    gates = apply_lrp(model).cells
     gates[0].set_log_a([3.0, -3.0, 0.4, 2.0])
     from ms_prune.heads.algorithm import prune_lrp, write_lrp_decision
     write_lrp_decision(model, target_heads=5)

@@ -66,7 +66,7 @@ def test_gated_evaluation_equals_the_pruned_model_before_the_gates_saturate(kwar
 def test_functional_form_prunes_what_evaluation_shows(mode):
     ms.set_seed(0)
     model = BertForSequenceClassification(BertConfig(**CONFIG))
-    gates = apply_lrp(model)
+    gates = apply_lrp(model).cells
     for i, gate in enumerate(gates):  # an arbitrary point of training: log_a spread around the threshold
         gate.set_log_a(np.random.default_rng(i).normal(0.0, 1.5, gate.num_heads))
     keep = write_lrp_decision(model, target_heads=5)

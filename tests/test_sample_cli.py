@@ -1,5 +1,7 @@
-"""Samples' command lines and configs (sample_cli), and where the data is found: every mistake
-is an error that names the setting, what was expected and what came."""
+"""Samples' command lines and configs (samples/harness.py's sample_cli), and where the data is
+found: every mistake is an error that names the setting, what was expected and what came. And the
+scripts run from an installed ms_prune: none edits sys.path, no sample imports another."""
+import ast
 import json
 import os
 import shutil
@@ -12,12 +14,13 @@ import yaml
 
 import ms_prune
 from ms_prune import data
-from ms_prune.training import device_target_name, sample_cli
+from ms_prune.training import device_target_name
 
-from conftest import ROOT, load_script
+from conftest import ROOT, SAMPLES_DIR, load_script
+from harness import sample_cli
 
-SAMPLES = ["lrp_bert_sst2", "lrp_gpt_shakespeare", "pld_bert_mlm", "prune_minilm", "random_ltd_gpt_shakespeare",
-           "llama_smollm2", "gradnas_bert_sst2", "prune_llama", "data_parallel"]
+# every script in samples/ but the harness they share
+SAMPLES = sorted(f[:-3] for f in os.listdir(SAMPLES_DIR) if f.endswith(".py") and f != "harness.py")
 
 
 def default_config(name):
@@ -48,6 +51,20 @@ def test_every_sample_has_quick_help_with_defaults_and_says_where_outputs_go(nam
     args, config = cli(module, ["--quick", "--device_target", "cpu"])
     assert args.quick and args.device_target == "CPU" and config == default_config(name)
     assert f"results go to {os.path.abspath(args.json)}" in capsys.readouterr().out
+
+
+
+def test_sample_cli_names_bad_config_keys(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "x.yaml").write_text("steps: 2\nseed: 0\n")  # the sample's default config
+    script = str(tmp_path / "x.py")
+    config = tmp_path / "c.yaml"
+    config.write_text("steps: 3\nstepz: 4\n")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['stepz'\]; allowed at the top level: \['seed', 'steps'\]"):
+        sample_cli(script, "doc", {"steps", "seed"}, "quick", ["--config", str(config)])
+    config.write_text("steps: 3\n")
+    args, values = sample_cli(script, "doc", {"steps", "seed"}, "quick", ["--config", str(config), "--quick"])
+    assert args.quick and args.json == "results/x.json" and values == {"steps": 3, "seed": 0}
 
 
 VARIANTS = sorted(f[:-5] for f in os.listdir(os.path.join(ROOT, "samples", "configs"))
@@ -258,3 +275,63 @@ def test_prune_llama_runs_end_to_end_on_a_tiny_llama(tmp_path):
         entry["variants"]["depth/block_influence"]["layers_removed"] == [1]
     assert len(set(entry["variants"]["uniform/flap"]["neurons_per_layer"])) == 1
     assert np.isfinite(result["unpruned"]["perplexity"]) and result["unpruned"]["parameters"] > 0
+
+
+
+def test_prune_smollm2_main_job_runs_end_to_end_on_a_tiny_llama(tmp_path):
+    module = load_script("prune_smollm2")
+    model_dir = tiny_llama_dir(tmp_path / "tiny")
+    config = write(tmp_path, {"params": 0.8, "seq_len": 16, "calibration_batches": 2, "new_tokens": 2,
+                              "output_dir": str(tmp_path / "pruned")})
+    out = tmp_path / "results" / "r.json"
+    result = module.main(["--quick", "--config", config, "--model_dir", model_dir, "--json", str(out)])
+    with open(out) as f:
+        assert json.load(f)["pruned"]["parameters"] == result["pruned"]["parameters"]
+    assert result["report"]["params_ratio"] <= 0.8
+    assert result["pruned"]["parameters"] < result["unpruned"]["parameters"]
+    assert result["reload_max_abs_difference"] < 1e-5   # the standard folder reloads to the same logits
+    with open(tmp_path / "pruned" / "config.json") as f:
+        assert "pruned_ffn_neurons" not in json.load(f)   # a plain Hugging Face LlamaConfig
+    for row in (result["unpruned"], result["pruned"]):
+        assert np.isfinite(row["perplexity"]) and row["latency_ms"] > 0 and isinstance(row["answer"], str)
+
+# ---- scripts run from an installed ms_prune ---------------------------------------------------
+def script_offences(source, samples, harness_visible):
+    """What in one script's ``source`` needs the checkout rather than the installed package: any
+    use of ``sys.path``, an import of another sample (``samples``: their module names), or, where
+    the harness is not beside the script (``harness_visible`` False: benchmarks/), of the harness."""
+    forbidden = set(samples) | (set() if harness_visible else {"harness"})
+    offences = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr == "path" and getattr(node.value, "id", None) == "sys":
+            offences.append((node.lineno, "uses sys.path"))
+        elif isinstance(node, ast.ImportFrom) and node.module == "sys" and any(a.name == "path" for a in node.names):
+            offences.append((node.lineno, "imports sys.path"))
+        modules = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                   else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+        for module in modules:
+            if module.split(".")[0] in forbidden:
+                offences.append((node.lineno, f"imports {module}"))
+    return [f"line {line}: {what}" for line, what in sorted(offences)]
+
+
+def test_script_offences_are_found():
+    bad = ("import sys, os\nsys.path.insert(0, os.getcwd())\nfrom sys import path\n"
+           "from lrp_bert_sst2 import train\nimport harness\n")
+    assert script_offences(bad, ["lrp_bert_sst2"], harness_visible=False) == [
+        "line 2: uses sys.path", "line 3: imports sys.path", "line 4: imports lrp_bert_sst2", "line 5: imports harness"]
+    assert script_offences("import sys\nfrom harness import sample_cli\nprint(sys.argv)\n", ["lrp_bert_sst2"],
+                           harness_visible=True) == []
+
+
+@pytest.mark.parametrize("folder", ["samples", "benchmarks"])
+def test_no_script_edits_sys_path_or_imports_a_sample(folder):
+    # a sample takes what it shares with others from samples/harness.py (beside it, so on its
+    # path); benchmarks/ has no harness and uses the library alone
+    offences = []
+    for name in sorted(os.listdir(os.path.join(ROOT, folder))):
+        if name.endswith(".py"):
+            with open(os.path.join(ROOT, folder, name), encoding="utf-8") as f:
+                found = script_offences(f.read(), SAMPLES, harness_visible=folder == "samples")
+            offences += [f"{folder}/{name} {offence}" for offence in found]
+    assert not offences, offences

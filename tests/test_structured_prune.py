@@ -160,7 +160,7 @@ def test_the_report_prints_a_table(capsys):
 
 
 @pytest.mark.parametrize("constraints, match", [
-    ({"hidden_size": 16}, "hidden-size"),
+    ({"hidden_size": 33}, r"hidden_size.. must be in 1..32"),
     ({"params": "80%", "intermediate_size": 8}, "not both"),
     ({"num_attention_heads": 3}, "equal groups"),
     ({"params": "1%"}, "reachable"),

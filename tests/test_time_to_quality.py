@@ -1,4 +1,4 @@
-"""Time to quality (ms_prune.benchmarking): the Trainer's per-step timing records, the TimedRun
+"""Time to quality (samples/harness.py): the Trainer's per-step timing records, the TimedRun
 clock that keeps compilation apart, interleaved races, where a curve first reaches a quality
 (against a numpy reference), and the two samples end to end on tiny settings."""
 import json
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import yaml
 
-from ms_prune.benchmarking import TimedRun, first_reach, mean_ratio, per_seed, race, run_record, time_to_quality
 from ms_prune.data import shakespeare_chars
 from ms_prune.engine import Trainer
 from ms_prune.training import lm_cross_entropy
 
 from conftest import load_script
+from harness import TimedRun, first_reach, mean_ratio, per_seed, race, run_record, time_to_quality
 
 
 class FakeState:

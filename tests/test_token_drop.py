@@ -12,7 +12,7 @@ from ms_prune.models.modeling_utils import MASK_VALUE
 from ms_prune.protocol import LayerCall
 from ms_prune.token_drop import (LayerTokenLR, RandomLayerTokenDrop, RandomLTD, RandomLTDScheduler, TokenDraw,
                                  convert_to_random_ltd, forward_flops_with_ltd, kept_attention_bias,
-                                 apply_random_ltd, random_ltd_layers, revert_random_ltd, set_learning_rate,
+                                 apply_random_ltd, random_ltd_layers, remove_random_ltd, revert_random_ltd, set_learning_rate,
                                  token_draws)
 from ms_prune.training import LMLoss, lm_cross_entropy, write_parameter
 
@@ -260,10 +260,14 @@ def test_conversion_defaults_errors_and_revert():
     per_token = 2 * (16 * 48 + 16 * 16 + 16 * 64 + 64 * 16)  # c_attn, c_proj, c_fc, mlp.c_proj
     attention = 2 * 2 * 16 * (S * S - (S // 2) ** 2)  # scores and context, all heads
     assert forward_flops_with_ltd(model, S, B) == full - 2 * B * (per_token * (S - S // 2) + attention)
-    revert_random_ltd(model)
+    remove_random_ltd(model)
     assert [n for n, _ in model.parameters_and_names()] == names
-    with pytest.raises(ValueError, match="no random-LTD"):
-        revert_random_ltd(model)
+    with pytest.raises(ValueError, match="remove_random_ltd: .* no random-LTD"):
+        remove_random_ltd(model)
+    convert_to_random_ltd(model)
+    with pytest.warns(DeprecationWarning, match="revert_random_ltd is deprecated: use remove_random_ltd"):
+        revert_random_ltd(model)  # the earlier name still works
+    assert [n for n, _ in model.parameters_and_names()] == names
 
     bert = tiny_bert(layers=3)
     assert len(convert_to_random_ltd(bert)) == 1

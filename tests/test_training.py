@@ -7,7 +7,7 @@ import mindspore as ms
 from mindspore import Tensor, nn
 
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from ms_prune.training import LMLoss, compiled_graph_count, lm_perplexity, make_train_step, sample_cli
+from ms_prune.training import LMLoss, compiled_graph_count, lm_perplexity, make_train_step
 
 
 def tiny_lm():
@@ -44,19 +44,6 @@ def test_lm_perplexity_matches_numpy_and_restores_mode(mode):
         y = np.stack([w[1:] for w in windows])
         nll.append(-np.take_along_axis(logp, y[..., None], -1).mean())
     assert got == pytest.approx(math.exp(np.mean(nll)), rel=1e-5)
-
-
-def test_sample_cli_names_bad_config_keys(tmp_path):
-    (tmp_path / "configs").mkdir()
-    (tmp_path / "configs" / "x.yaml").write_text("steps: 2\nseed: 0\n")  # the sample's default config
-    script = str(tmp_path / "x.py")
-    config = tmp_path / "c.yaml"
-    config.write_text("steps: 3\nstepz: 4\n")
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['stepz'\]; allowed at the top level: \['seed', 'steps'\]"):
-        sample_cli(script, "doc", {"steps", "seed"}, "quick", ["--config", str(config)])
-    config.write_text("steps: 3\n")
-    args, values = sample_cli(script, "doc", {"steps", "seed"}, "quick", ["--config", str(config), "--quick"])
-    assert args.quick and args.json == "results/x.json" and values == {"steps": 3, "seed": 0}
 
 
 @pytest.mark.parametrize("pre_layer_norm", [False, True], ids=["post-LN", "pre-LN"])

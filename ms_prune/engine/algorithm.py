@@ -1,7 +1,19 @@
 """The base of every training-time algorithm (Composer's ``Algorithm``, plus what a compiled
 step needs declared up front)."""
 
-__all__ = ["Algorithm"]
+from typing import NamedTuple
+
+__all__ = ["Algorithm", "Applied"]
+
+
+class Applied(NamedTuple):
+    """What every functional form ``apply_<name>(model, ...)`` returns after changing ``model`` in
+    place: the Cells it put into the model (gates, layer wrappers; None for a layer it left alone)
+    and its schedule when it has one (the object a hand-written loop steps between training steps),
+    else None. ``remove_<name>(model)`` undoes it. A pruning call (``ms_prune.prune``,
+    ``apply_gradnas``, ``prune_lrp``) removes units for real and returns a report instead."""
+    cells: list
+    schedule: object = None
 
 
 class Algorithm:
@@ -16,6 +28,10 @@ class Algorithm:
       from ``graph_key`` (the trainer keeps one compiled step per key).
     * ``loss_terms(state)``: Cells taking no input and returning a scalar, added to the loss
       inside the compiled step (the graph-mode form of acting after the loss).
+    * ``wrap_loss(loss_net, state)``: the loss Cell the step differentiates in place of
+      ``loss_net`` (the one built so far: a ``ModelLoss``, or what an earlier algorithm returned),
+      for an algorithm that needs the model's inputs and outputs in its loss (distillation runs a
+      teacher on them); the default returns ``loss_net``.
     * ``param_groups(state)``: optimizer groups ``{"params": [...], "lr": ..., ...}`` for its own
       trainable Parameters (they leave the default group).
     * ``runs_in_model_train``: it can run as a ``mindspore.train.Model.train`` callback
@@ -40,6 +56,9 @@ class Algorithm:
 
     def loss_terms(self, state):
         return ()
+
+    def wrap_loss(self, loss_net, state):
+        return loss_net
 
     def param_groups(self, state):
         return ()

@@ -44,8 +44,10 @@ class AlgorithmCallback(Callback):
         self.state.structure_changed = False  # the user builds the network and Model after this
 
     def loss_net(self, loss_net):
-        """``loss_net`` plus the algorithms' loss terms, as one Cell for ``Model(network=...)`` or a
-        ``TrainOneStepCell``."""
+        """``loss_net`` (as the algorithms' ``wrap_loss`` replace it) plus their loss terms, as one
+        Cell for ``Model(network=...)`` or a ``TrainOneStepCell``."""
+        for algorithm in self.state.algorithms:
+            loss_net = algorithm.wrap_loss(loss_net, self.state)
         terms = [t for a in self.state.algorithms for t in a.loss_terms(self.state)]
         self.state.loss_net = LossWithTerms(loss_net, terms) if terms else loss_net
         return self.state.loss_net

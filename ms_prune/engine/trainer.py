@@ -39,8 +39,10 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 from ms_prune import protocol
 from ms_prune.fileio import (CHECKSUMS, atomic_directory, atomic_write, clean_orphans, read_checksums,
                              verify_checksums, write_checksums)
-from ms_prune.training import (TrainStep, compile_in_pynative, compiled_graph_count, make_train_step,
-                               peak_memory_mb, write_parameter)
+from ms_prune.training import (PRECISIONS, CompiledCells, LossScale, ScaledLoss, TrainStep, check_precision_runs,
+                               compile_in_pynative, compiled_graph_count, make_train_step, mixed_precision,
+                               peak_memory_mb, release_graphs, unsupported_precision_message,
+                               write_parameter)
 from ms_prune.validation import check_choice, check_int, check_number
 
 from .engine import Engine
@@ -58,6 +60,10 @@ LR_SCHEDULES = ("constant", "linear", "cosine")
 # a loss this many times the first loss of a fit is divergence, not noise: training that works
 # lowers the loss, and a run at 1e15 that stays finite would otherwise go on unnoticed
 DIVERGENCE_FACTOR = 1e3
+# settings a checkpoint written before the setting existed ran with
+SETTING_DEFAULTS = {"precision": "fp32"}
+# MindSpore's CPU/GPU kernel selection error names the operator so
+KERNEL_SELECTION = re.compile(r"Select \w+ operator\[(\w+)\] fail")
 
 
 def lr_multiplier(schedule, step, max_steps, warmup_steps=0):
@@ -167,42 +173,53 @@ class _AllReduceSum(nn.Cell):
         return out
 
 
-class ClippedTrainStep(TrainStep):
-    """A ``TrainStep`` whose gradients are clipped to a global norm before the update."""
-
-    def __init__(self, loss_net, optimizer, max_grad_norm):
-        super().__init__(loss_net, optimizer)
-        self.max_grad_norm = max_grad_norm
-
-    def construct(self, *inputs):
-        loss, grads = self.grad_fn(*inputs)
-        self.optimizer(ops.clip_by_global_norm(grads, self.max_grad_norm))
-        return loss
+class _Unchanged(nn.Cell):
+    def construct(self, loss, grads):
+        return loss, grads
 
 
-class WorkerMeanTrainStep(TrainStep):
-    """A data-parallel ``TrainStep``: the loss and gradients are averaged over the workers
-    (:class:`WorkerMean`), then clipped to ``max_grad_norm`` when given, then the update; returns the
-    mean loss."""
+class Update(nn.Cell):
+    """``(loss, gradients) -> the update``, in this order: averaged over the workers
+    (``worker_mean``, a :class:`WorkerMean`), unscaled (``loss_scale``, a
+    :class:`~ms_prune.training.LossScale`), clipped to ``max_grad_norm``, the optimizer; returns the
+    (mean, unscaled) loss. With a loss scale, an update whose gradients are not all finite is
+    skipped (weights and optimizer state untouched) and the scale adjusts: the gradients are
+    checked after the workers' mean, which every worker holds alike, so every worker skips alike."""
 
-    def __init__(self, loss_net, optimizer, world_size, max_grad_norm=None):
-        super().__init__(loss_net, optimizer)
-        self.mean = WorkerMean(optimizer.parameters, world_size)
+    def __init__(self, optimizer, max_grad_norm=None, worker_mean=None, loss_scale=None):
+        super().__init__(auto_prefix=False)
+        self.optimizer = optimizer
+        self.worker_mean = worker_mean if worker_mean is not None else _Unchanged()
+        self.scaled = loss_scale is not None
+        self.loss_scale = loss_scale
         self.clip = max_grad_norm is not None
         self.max_grad_norm = max_grad_norm if self.clip else 1.0
 
-    def construct(self, *inputs):
-        loss, grads = self.grad_fn(*inputs)
-        loss, grads = self.mean(loss, grads)
+    def construct(self, loss, grads):
+        loss, grads = self.worker_mean(loss, grads)
+        if self.scaled:
+            loss, grads, finite = self.loss_scale.unscale(loss, grads)
         if self.clip:
             grads = ops.clip_by_global_norm(grads, self.max_grad_norm)
+        if self.scaled:
+            if finite:
+                loss = ops.depend(loss, self.optimizer(grads))
+            return ops.depend(loss, self.loss_scale.adjust(finite))
         self.optimizer(grads)
         return loss
 
 
-class _Unchanged(nn.Cell):
-    def construct(self, loss, grads):
-        return loss, grads
+class UpdateStep(TrainStep):
+    """A ``TrainStep`` whose gradients go through an :class:`Update` (workers' mean, loss scale,
+    clipping) before the optimizer."""
+
+    def __init__(self, loss_net, optimizer, update):
+        super().__init__(loss_net, optimizer)
+        self.update = update
+
+    def construct(self, *inputs):
+        loss, grads = self.grad_fn(*inputs)
+        return self.update(loss, grads)
 
 
 class AccumulateGrads(nn.Cell):
@@ -225,28 +242,22 @@ class AccumulateGrads(nn.Cell):
 
 
 class ApplyGrads(nn.Cell):
-    """The update of an accumulated step: the mean gradient (buffers / k), averaged over the
-    workers by ``worker_mean`` (a :class:`WorkerMean`, data parallel: once per update, not per
-    micro-batch), clipped to ``max_grad_norm`` when given, goes to the optimizer, and the buffers
-    are zeroed; returns the mean loss of the k micro-batches (of the workers)."""
+    """The update of an accumulated step: the mean gradient (buffers / k) and the mean loss of the
+    k micro-batches go through ``update`` (an :class:`Update`: workers' mean once per update, not
+    per micro-batch; loss scale; clipping; optimizer), and the buffers are zeroed; returns the
+    loss ``update`` returns."""
 
-    def __init__(self, optimizer, buffers, loss_sum, grad_accumulation, max_grad_norm=None, worker_mean=None):
+    def __init__(self, buffers, loss_sum, grad_accumulation, update):
         super().__init__(auto_prefix=False)
-        self.worker_mean = worker_mean if worker_mean is not None else _Unchanged()
-        self.optimizer = optimizer
+        self.update = update
         self.buffers = buffers
         self.loss_sum = loss_sum
         self.scale = 1.0 / grad_accumulation
-        self.clip = max_grad_norm is not None
-        self.max_grad_norm = max_grad_norm if self.clip else 1.0
         self.hyper_map = ops.HyperMap()
 
     def construct(self):
         grads = self.hyper_map(ops.partial(ops.mul, self.scale), self.buffers)
-        loss, grads = self.worker_mean(self.loss_sum * self.scale, grads)
-        if self.clip:
-            grads = ops.clip_by_global_norm(grads, self.max_grad_norm)
-        self.optimizer(grads)
+        loss = self.update(self.loss_sum * self.scale, grads)
         self.hyper_map(ops.assign, self.buffers, self.hyper_map(ops.zeros_like, self.buffers))
         ops.assign(self.loss_sum, ops.zeros_like(self.loss_sum))
         return loss
@@ -313,6 +324,13 @@ class Trainer:
     * ``grad_accumulation=k``: each step takes k batches and updates once with their mean gradient
       (one update on the k-times larger batch); algorithms' BATCH_START/BATCH_END run once per step.
     * ``max_grad_norm``: gradients clipped to this global norm before each update.
+    * ``precision``: ``"fp32"``, or ``"fp16"``/``"bf16"``: the model computes in the low precision
+      (``ms_prune.training.mixed_precision``: matrix products low, norms, softmax and the loss
+      float32) on float32 weights and optimizer state. fp16 scales the loss dynamically
+      (``loss_scale``, doubled after ``loss_scale_window`` good updates, halved on overflow): an
+      update whose gradients overflow is skipped, counted in the progress line and in
+      ``summary["skipped_steps"]``, and the scaler's state goes into checkpoints. A precision
+      this back-end has no kernels for (bf16 on CPU) is a RuntimeError naming the operator.
     * ``lr_schedule`` ``constant``/``linear``/``cosine`` with ``warmup_steps`` (see
       :func:`lr_multiplier`): the optimizer's learning rates (each group's) are multiplied by the
       schedule's factor before each step; a resumed run continues the schedule.
@@ -346,7 +364,7 @@ class Trainer:
                  weight_decay=0.0, num_inputs=None, eval_fn=None, eval_interval=0, log_interval=10, checkpoint_dir=None,
                  checkpoint_interval=0, keep_checkpoints=2, resume_from=None, seed=0, logger=None,
                  grad_accumulation=1, max_grad_norm=None, lr_schedule="constant", warmup_steps=0,
-                 no_decay=default_no_decay):
+                 no_decay=default_no_decay, precision="fp32", loss_scale=None, loss_scale_window=None):
         owner = "Trainer"
         if not isinstance(model, nn.Cell):
             raise TypeError(f"{owner}: model must be a mindspore.nn.Cell, got {type(model).__name__}")
@@ -367,6 +385,18 @@ class Trainer:
                                           allow_none=True)
         self.lr_schedule = check_choice(owner, "lr_schedule", lr_schedule, LR_SCHEDULES)
         self.warmup_steps = check_int(owner, "warmup_steps", warmup_steps, minimum=0, maximum=self.max_steps)
+        self.precision = check_choice(owner, "precision", precision, tuple(PRECISIONS))
+        self._loss_scale = None
+        if self.precision == "fp16":
+            # 2**16 and 2000: PyTorch's GradScaler defaults
+            self._loss_scale = LossScale(
+                check_number(owner, "loss_scale", 2.0 ** 16 if loss_scale is None else loss_scale, minimum=1.0),
+                check_int(owner, "loss_scale_window", 2000 if loss_scale_window is None else loss_scale_window,
+                          minimum=1))
+        elif loss_scale is not None or loss_scale_window is not None:
+            raise ValueError(f"{owner}: loss_scale and loss_scale_window apply to precision='fp16' only (float16's "
+                             f"range needs the scaling), got precision={self.precision!r}")
+        check_precision_runs(owner, self.precision)
         if no_decay is not None and not callable(no_decay):
             raise TypeError(f"{owner}: no_decay must be a function Parameter -> bool (True: no weight decay) or "
                             f"None (decay every Parameter), got {type(no_decay).__name__}")
@@ -392,7 +422,7 @@ class Trainer:
         self._collective = _AllReduceSum() if self.state.world_size > 1 else None
         self.engine = Engine(self.state, logger or log)
         self.logger = logger or log
-        self._steps = {}
+        self._steps = CompiledCells(owner=self)  # their graphs are freed with the Trainer
         self._data_iter = None
         self._verified = {}
         self._checked_arity = False
@@ -487,11 +517,15 @@ class Trainer:
         protocol.refresh(state.model)
         terms = [term for algorithm in state.algorithms for term in algorithm.loss_terms(state)]
         # -1: all but the last array of a batch go to the model
-        loss_net = ModelLoss(state.model, self.loss_fn, self.num_inputs or -1)
+        loss_net = ModelLoss(mixed_precision(state.model, self.precision), self.loss_fn, self.num_inputs or -1)
+        for algorithm in state.algorithms:
+            loss_net = algorithm.wrap_loss(loss_net, state)
         state.loss_net = LossWithTerms(loss_net, terms) if terms else loss_net
         state.optimizer = self.optimizer_factory(self._param_groups())
         self._base_lrs = self._scheduled_lrs()
-        self._steps = {}
+        # the old steps update Parameters no optimizer holds now: they can never run again
+        self._steps.clear()
+        release_graphs(getattr(self, "_apply", None))
         self._apply = None
         if self.grad_accumulation > 1:
             # zero between steps: checkpoints and surgery happen only there, so the buffers are
@@ -499,10 +533,17 @@ class Trainer:
             self._buffers = ParameterTuple([Parameter(ops.zeros(p.shape, p.dtype), name=f"accumulated.{p.name}",
                                                       requires_grad=False) for p in state.optimizer.parameters])
             self._loss_sum = Parameter(Tensor(0.0, ms.float32), name="accumulated.loss", requires_grad=False)
-            mean = WorkerMean(state.optimizer.parameters, state.world_size) if state.world_size > 1 else None
-            self._apply = compile_in_pynative(ApplyGrads(state.optimizer, self._buffers, self._loss_sum,
-                                                         self.grad_accumulation, self.max_grad_norm, mean))
+            self._apply = compile_in_pynative(ApplyGrads(self._buffers, self._loss_sum, self.grad_accumulation,
+                                                         self._update() or Update(state.optimizer)))
         state.structure_changed = False
+
+    def _update(self):
+        """The :class:`Update` of this run's optimizer; None when it would only call the optimizer."""
+        state = self.state
+        if state.world_size == 1 and self.max_grad_norm is None and self._loss_scale is None:
+            return None
+        mean = WorkerMean(state.optimizer.parameters, state.world_size) if state.world_size > 1 else None
+        return Update(state.optimizer, self.max_grad_norm, mean, self._loss_scale)
 
     def _param_groups(self):
         """What the optimizer factory gets: the trainable Parameters (less those an algorithm
@@ -572,16 +613,14 @@ class Trainer:
         step = self._steps.get(key)
         if step is None:
             state = self.state
+            loss_net = state.loss_net if self._loss_scale is None else ScaledLoss(state.loss_net, self._loss_scale)
+            update = self._update() if self.grad_accumulation == 1 else None
             if self.grad_accumulation > 1:
-                step = compile_in_pynative(AccumulateGrads(state.loss_net, state.optimizer, self._buffers,
-                                                           self._loss_sum))
-            elif state.world_size > 1:
-                step = compile_in_pynative(WorkerMeanTrainStep(state.loss_net, state.optimizer, state.world_size,
-                                                               self.max_grad_norm))
-            elif self.max_grad_norm is not None:
-                step = compile_in_pynative(ClippedTrainStep(state.loss_net, state.optimizer, self.max_grad_norm))
+                step = compile_in_pynative(AccumulateGrads(loss_net, state.optimizer, self._buffers, self._loss_sum))
+            elif update is not None:
+                step = compile_in_pynative(UpdateStep(loss_net, state.optimizer, update))
             else:
-                step = make_train_step(state.loss_net, state.optimizer)
+                step = make_train_step(loss_net, state.optimizer)
             self._steps[key] = step
         return step
 
@@ -724,6 +763,10 @@ class Trainer:
             except Exception as error:
                 if not (first and micro == 0):
                     raise
+                kernel = KERNEL_SELECTION.search(str(error))
+                if kernel and self.precision != "fp32":
+                    raise RuntimeError(unsupported_precision_message(
+                        "Trainer", self.precision, kernel.group(1), ms.get_context("device_target"), error)) from error
                 diagnosis = self._diagnose(batch)
                 if diagnosis is None:
                     raise
@@ -747,8 +790,8 @@ class Trainer:
             if state.step == 0 and state.batch_in_epoch == 0:
                 self.engine.run_event(Event.EPOCH_START)
             started, first_step = time.perf_counter(), state.step
-            counts = (state.tokens, state.samples, self.compilations)
-            first_loss, warned = None, False
+            counts = (state.tokens, state.samples, self.compilations, self._skipped())
+            first_loss, warned, skipped = None, False, counts[3]
             if state.step >= self.max_steps:
                 self.logger.info("Trainer: nothing to train: the run is at step %d of max_steps=%d",
                                  state.step, self.max_steps)
@@ -783,6 +826,9 @@ class Trainer:
                 # compiled a graph says so, so time-to-quality can count compilation apart
                 record = {"step": state.step, "loss": state.loss, "seconds": time.perf_counter() - step_started,
                           "compiled": compiled > 0}
+                if self._loss_scale is not None:
+                    skipped, skipped_before = self._skipped(), skipped
+                    record["skipped"] = skipped > skipped_before
                 if self.eval_interval and state.step % self.eval_interval == 0 and state.step < self.max_steps:
                     record.update(self.evaluate())
                 self.history.append(record)
@@ -805,6 +851,10 @@ class Trainer:
             self._summarise(started, first_step, counts)
         return self.history
 
+    def _skipped(self):
+        """Updates the loss scale skipped (overflowing float16 gradients) in the whole run."""
+        return 0 if self._loss_scale is None else int(self._loss_scale.skipped.asnumpy())
+
     def _summarise(self, started, first_step, counts):
         state = self.state
         seconds = time.perf_counter() - started
@@ -813,15 +863,17 @@ class Trainer:
         self.summary = {"steps": state.step - first_step, "step": state.step, "seconds": seconds, "tokens": tokens,
                         "tokens_per_second": tokens / seconds if seconds > 0 else float("nan"),
                         "samples_per_second": samples / seconds if seconds > 0 else float("nan"),
-                        "compilations": self.compilations - counts[2],
+                        "compilations": self.compilations - counts[2], "precision": self.precision,
+                        "skipped_steps": self._skipped() - counts[3],
                         "peak_host_memory_mb": memory["host"], "peak_device_memory_mb": memory["device"]}
         if self.log_interval and self._leader:
             s = self.summary
             peak = ", ".join(f"{where} {s[f'peak_{where}_memory_mb']:.0f} MiB" for where in ("host", "device")
                              if s[f"peak_{where}_memory_mb"] is not None)
-            self.logger.info("Trainer: %d steps in %.1f s (now at step %d/%d), %.0f tokens/s, %d graph "
+            skipped = f", {s['skipped_steps']} skipped (float16 overflow)" if self._loss_scale is not None else ""
+            self.logger.info("Trainer: %d steps in %.1f s (now at step %d/%d)%s, %.0f tokens/s, %d graph "
                              "compilations, peak memory %s", s["steps"], seconds, state.step, self.max_steps,
-                             s["tokens_per_second"], s["compilations"], peak or "unknown")
+                             skipped, s["tokens_per_second"], s["compilations"], peak or "unknown")
 
     @contextlib.contextmanager
     def _progress_output(self):
@@ -869,15 +921,20 @@ class Trainer:
         elapsed = time.perf_counter() - started
         rate = (state.step - first_step) / elapsed if elapsed > 0 else float("nan")
         eta = (self.max_steps - state.step) / rate if rate > 0 else float("nan")
-        self.logger.info("step %d/%d | loss %.4f | %.2f steps/s | ETA %s", state.step, self.max_steps,
-                         state.loss, rate, time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?")
+        scale = ""
+        if self._loss_scale is not None:
+            scale = f" | loss scale {self._loss_scale.state_dict()['scale']:g}, {self._skipped()} skipped"
+        self.logger.info("step %d/%d | loss %.4f | %.2f steps/s | ETA %s%s", state.step, self.max_steps,
+                         state.loss, rate, time.strftime("%H:%M:%S", time.gmtime(eta)) if math.isfinite(eta) else "?",
+                         scale)
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def _settings(self):
         """What the user chose for this run, saved with each checkpoint and compared at resume."""
         return {"lr": self.lr, "weight_decay": self.weight_decay, "optimizer": type(self.state.optimizer).__name__,
                 "lr_schedule": self.lr_schedule, "warmup_steps": self.warmup_steps, "max_steps": self.max_steps,
-                "grad_accumulation": self.grad_accumulation, "max_grad_norm": self.max_grad_norm, "seed": self.seed}
+                "grad_accumulation": self.grad_accumulation, "max_grad_norm": self.max_grad_norm, "seed": self.seed,
+                "precision": self.precision}
 
     def _model_config(self):
         """The model's config as JSON values (None for a model without a ``config.to_dict()``)."""
@@ -990,6 +1047,8 @@ class Trainer:
                  "model_training": state.model.training,
                  "settings": self._settings(),
                  "model_config": self._model_config()}
+        if self._loss_scale is not None:
+            saved["loss_scale"] = self._loss_scale.state_dict()
         with atomic_directory(path) as folder:
             with open(os.path.join(folder, CHECKPOINT_TENSORS), "wb") as f:
                 f.write(save(tensors))
@@ -1118,6 +1177,8 @@ class Trainer:
             for algorithm in state.algorithms:
                 algorithm.load_state_dict(saved["algorithms"][algorithm.name])
             state.load_state_dict(saved["state"])
+            if self._loss_scale is not None and "loss_scale" in saved:  # else (an fp32 run's) it starts afresh
+                self._loss_scale.load_state_dict(saved["loss_scale"])
         except (KeyError, ValueError) as error:
             raise ValueError(f"Trainer.load_checkpoint: {file}: {error}") from None
         self.engine.run_event(Event.AFTER_LOAD)
@@ -1161,7 +1222,7 @@ class Trainer:
 
     def _log_changed_settings(self, saved, path):
         for key, ours in self._settings().items():
-            theirs = saved.get(key) if isinstance(saved, dict) else None
+            theirs = saved.get(key, SETTING_DEFAULTS.get(key)) if isinstance(saved, dict) else None
             if theirs == ours:
                 continue
             if key == "seed":

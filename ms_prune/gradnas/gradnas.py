@@ -15,7 +15,8 @@ from mindspore import Tensor, nn
 from ms_prune import protocol
 from ms_prune.cost import CostModel, kv_heads_per_layer, measure
 from ms_prune.fileio import atomic_write
-from ms_prune.validation import check_bool, check_choice, check_instance, check_int, check_number
+from ms_prune.training import compile_in_pynative, release_graphs
+from ms_prune.validation import check_bool, check_choice, check_instance, check_int
 
 from . import masks as _masks
 from .selection import METRICS, parse_constraints, select
@@ -121,14 +122,27 @@ class eval_mode:  # pylint: disable=invalid-name  (used as a context manager, li
             cell.set_train(flag)
 
 
+def run_pass(cell, batches, *eval_cells):
+    """Run ``cell`` once per batch (numpy or Tensor tuples), compiled in either mode, with
+    ``eval_cells`` in evaluation mode, then free its graphs: the mask or capture Cells it runs are
+    removed right after, so it can never run again. Returns ``cell``, whose Parameters hold what
+    it collected."""
+    cell = compile_in_pynative(cell)
+    try:
+        with eval_mode(*eval_cells):
+            for batch in batches:
+                cell(*as_batch(batch))
+    finally:
+        release_graphs(cell)
+    return cell
+
+
 def _gradient_scores(model, loss_net, batches, absolute):
     head_masks, neuron_masks = _masks.attach_masks(model)
     cells = [c for c in head_masks + neuron_masks if c is not None]
     try:
-        step = _masks.compiled(_masks.ScoreStep(loss_net, [c.mask for c in cells], absolute=absolute))
-        with eval_mode(loss_net, model):
-            for batch in batches:
-                step(*as_batch(batch))
+        step = run_pass(_masks.ScoreStep(loss_net, [c.mask for c in cells], absolute=absolute), batches,
+                        loss_net, model)
         flat = np.concatenate([s.asnumpy().ravel() for s in step.scores]) if cells else np.zeros((0,))
     finally:
         _masks.detach(model)
@@ -207,10 +221,7 @@ def _contribution_grams(model, loss_net, batches):
         model, lambda layer, _: _masks.HeadGram(head_slices[layer]),
         lambda _, ffn: _masks.NeuronGram(ffn.num_neurons))
     try:
-        forward = _masks.compiled(_masks.Forward(loss_net))
-        with eval_mode(loss_net, model):
-            for batch in batches:
-                forward(*as_batch(batch))
+        run_pass(_masks.Forward(loss_net), batches, loss_net, model)
         heads = [None if c is None else c.gram.asnumpy().astype(np.float64) for c in head_cells]
         neurons = [None if c is None else c.gram.asnumpy().astype(np.float64) * (rows @ rows.T)
                    for c, rows in zip(neuron_cells, [r.astype(np.float64) for r in neuron_rows])]

@@ -144,10 +144,3 @@ def all_reduce_sum(vector):
     if not distributed() or vector.size == 0:
         return vector
     return _AllReduceSum()(Tensor(vector.astype(np.float32))).asnumpy()
-
-
-def compiled(cell):
-    """PyNative runs op by op; compile the step there too (as ``make_train_step`` does)."""
-    if ms.get_context("mode") == ms.PYNATIVE_MODE:
-        cell.construct = ms.jit(cell.construct)
-    return cell

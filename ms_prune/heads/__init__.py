@@ -10,4 +10,4 @@ from .concrete_gate import CLOSED_THRESHOLD, ConcreteGate
 from .lrp import (AbstractHeadPrunerLRP, HeadPrunerBertLRP, HeadPrunerGPTLRP, LRPLoss, LRPObjective, decide_heads,
                   lrp_pruner, make_gated_train_step, train_gated, write_lrp_decision)
 
-__all__ = ["LRP", "apply_lrp", "prune_lrp", "AbstractHeadPrunerLRP"]
+__all__ = ["LRP", "apply_lrp", "prune_lrp", "remove_lrp", "AbstractHeadPrunerLRP"]

@@ -3,7 +3,7 @@ the dropped heads removed in place; recovery is simply training on after the pru
 to a pruner (``AbstractHeadPrunerLRP.algorithm``), the same algorithm trains the pruner's gated
 copy and leaves the pruning to ``prune_model``."""
 from ms_prune import protocol
-from ms_prune.engine import Algorithm, Event
+from ms_prune.engine import Algorithm, Applied, Event
 from ms_prune.validation import check_choice, check_instance, check_int, check_number
 
 from .concrete_gate import CLOSED_THRESHOLD, ConcreteGate, check_gate_args
@@ -19,15 +19,15 @@ def _gates(model):
 
 def apply_lrp(model, l0_penalty=1.0, host_noise=False, **gate_kwargs):
     """Put a ``ConcreteGate`` on the heads of every attention layer of ``model`` (in place: on the
-    input of its output projection, see ``ms_prune.protocol``); returns the gates per layer (None
-    for a layer without heads). The model's outputs stay what they were (the penalty is read from
+    input of its output projection, see ``ms_prune.protocol``); returns ``Applied(cells=the gates per
+    layer (None for a layer without heads))``. The model's outputs stay what they were (the penalty is read from
     the gates, see ``GateObjective``); with the gates fully open (their start) the model computes
     exactly what it computed before. ``gate_kwargs`` go to ``ConcreteGate`` (temperature,
     stretch_limits, eps, threshold, init_log_a). A model already carrying LRP gates or GradNAS
     masks is refused, naming how to remove them."""
     refuse_other_gates("apply_lrp", model)
-    return protocol.attach_gates(model, "head", lambda _, heads: ConcreteGate(
-        heads.num_heads, l0_penalty=l0_penalty, host_noise=host_noise, **gate_kwargs))
+    return Applied(protocol.attach_gates(model, "head", lambda _, heads: ConcreteGate(
+        heads.num_heads, l0_penalty=l0_penalty, host_noise=host_noise, **gate_kwargs)))
 
 
 def prune_lrp(model, target_heads=None):

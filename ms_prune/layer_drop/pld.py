@@ -25,7 +25,7 @@ from mindspore import Parameter, Tensor, ops
 from mindspore.train import Callback
 
 from ms_prune import protocol
-from ms_prune.engine import Algorithm, Event
+from ms_prune.engine import Algorithm, Applied, Event
 from ms_prune.protocol import LayerCall, LayerWrapper, call_argument
 from ms_prune.training import write_parameter
 from ms_prune.validation import check_bool, check_instance, check_int, check_number
@@ -262,13 +262,15 @@ def remove_pld(model):
 # The Composer form: functional twin and the algorithm
 # --------------------------------------------------------------------------------------------
 def apply_progressive_layer_drop(model, theta=0.5, gamma=0.001, seed=0, host_noise=False):
-    """Wrap ``model``'s layers for PLD in place; returns the ``ProgressiveLayerDrop`` schedule
-    (call ``schedule.update_state(step)`` before each step). Keep draws are taken in the graph
+    """Wrap ``model``'s layers for PLD in place; returns ``Applied(cells=the PLD layers,
+    schedule=the ProgressiveLayerDrop schedule)`` (call ``schedule.update_state(step)`` before each
+    step). Keep draws are taken in the graph
     (seeded by ``seed``) unless ``host_noise`` (then write ``pld_noise(model)`` every step)."""
     owner = "apply_progressive_layer_drop"
     check_int(owner, "seed", seed, minimum=0)
     schedule = ProgressiveLayerDrop(_check_theta(owner, theta), _check_gamma(owner, gamma))
-    return convert_to_pld(model, schedule, seed=seed, host_noise=host_noise)
+    convert_to_pld(model, schedule, seed=seed, host_noise=host_noise)
+    return Applied(pld_layers(model), schedule)
 
 
 def remove_progressive_layer_drop(model):
@@ -303,7 +305,7 @@ class ProgressiveLayerDropping(Algorithm):
 
     def apply(self, event, state, logger):
         if event == Event.INIT:
-            self.schedule = apply_progressive_layer_drop(state.model, self.theta, self.gamma, host_noise=True)
+            self.schedule = apply_progressive_layer_drop(state.model, self.theta, self.gamma, host_noise=True).schedule
             self._noise = pld_noise(state.model)
             if self._pending is not None:
                 self.schedule.load_state_dict(self._pending)

@@ -1,6 +1,7 @@
 """``ms_prune.prune(model, constraints, data, ...)``: one call that prunes the width of any protocol
-model (attention heads by key/value group, FFN neurons) to a budget or to a target shape, with the
-importance score of your choice, and reports what it did (NVIDIA ModelOpt's ``prune`` in shape)."""
+model (attention heads by key/value group, FFN neurons, hidden size) and its depth to a budget or to
+a target shape, with the importance score of your choice, and reports what it did (NVIDIA
+ModelOpt's ``prune`` in shape)."""
 import time
 
 import numpy as np
@@ -10,16 +11,14 @@ from ms_prune.gradnas.gradnas import (GradNASScores, UNIT_KINDS, apply_gradnas, 
                                       resolve_budget, take_batches)
 from ms_prune.validation import check_bool, check_choice, check_instance, check_int
 
-from .scores import ACTIVATION_METHODS, activation_scores, layer_scores
+from .scores import ACTIVATION_METHODS, HIDDEN_METHODS, activation_scores, hidden_scores, layer_scores
 
 __all__ = ["PruneReport", "prune", "score_units"]
 
 METHODS = ACTIVATION_METHODS + ("gradnas", "magnitude", "random")
-SHAPE_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
-WIDTH_KEYS = SHAPE_KEYS[1:]
+SHAPE_KEYS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size", "hidden_size")
+WIDTH_KEYS = ("num_attention_heads", "num_key_value_heads", "intermediate_size")
 UNITS = UNIT_KINDS + ("layers",)
-# target-shape keys of the design that need surgery ms_prune does not have yet
-NOT_YET = {"hidden_size": "hidden-size (embedding channel) pruning"}
 
 
 def score_units(model, method, data=None, loss_net=None, num_batches=None, seed=0):
@@ -59,6 +58,8 @@ class PruneReport:
         if self.flops_before is not None:
             lines.append(f"FLOPs/sequence of {self.seq_len} tokens {self.flops_before:,} -> {self.flops_after:,} "
                          f"(x{self.flops_ratio:.3f})")
+        if self.hidden_size_before != self.hidden_size_after:
+            lines.append(f"hidden size {self.hidden_size_before} -> {self.hidden_size_after}")
         if self.layers_removed:
             lines.append(f"layers removed (original numbers, least block influence first kept out): "
                          f"{self.layers_removed}")
@@ -67,6 +68,14 @@ class PruneReport:
 
     def __repr__(self):
         return f"PruneReport(params_ratio={self.params_ratio:.4f}, flops_ratio={self.flops_ratio})"
+
+
+def _hidden_size(model):
+    """The declared hidden size, or None for a model that declares no hidden channels."""
+    try:
+        return protocol.adapter(model).hidden_channels().size
+    except (NotImplementedError, AttributeError, TypeError, ValueError):
+        return None
 
 
 def _layer_shapes(model):
@@ -237,10 +246,19 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
     ``constraints``: a budget, ``{"params": "75%"}`` or ``{"flops": "60%"}`` (FLOPs of one
     ``seq_len``-token sequence), a percentage of the model as passed or an absolute number, counting
     every parameter (embeddings too); or a target shape, ``{"num_hidden_layers": 24,
-    "num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 1024}`` (any subset;
-    the layers go first, those of least block influence, then every remaining layer takes the
-    width). A budget is met exactly or under; an unreachable one names the reachable range. With
-    ``units=("layers",)`` a budget is met by removing layers alone (least block influence first).
+    "num_attention_heads": 6, "num_key_value_heads": 2, "intermediate_size": 1024, "hidden_size": 480}``
+    (any subset; the layers go first, those of least block influence, then every remaining layer
+    takes the width, then the hidden size). A budget is met exactly or under; an unreachable one
+    names the reachable range. With ``units=("layers",)`` a budget is met by removing layers alone
+    (least block influence first).
+
+    ``hidden_size`` (Minitron's embedding channels; models that declare ``hidden_channels()`` in
+    the protocol, our Llama or yours through its adapter): the channels kept everywhere (embedding,
+    norms, every projection reading or writing the hidden states, the tied or untied LM head) are
+    those of highest score on the model as it is after depth pruning and before any width surgery:
+    with ``method`` 'magnitude' the token embedding's column norms, 'random' seeded, any other the
+    mean |activation| at every layer's norm outputs on ``data`` (``hidden_scores``). The norms then
+    normalise over fewer channels, which changes what the model computes (distil afterwards).
 
     ``data``: calibration batches, read once (a list, or an iterator): the model's inputs for
     ``method`` 'activation' (Minitron's activation importance, the default) and 'flap' (FLAP's
@@ -259,7 +277,8 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
     unpruned output on ``data`` (Kwon et al. 2022; FLAP's bias compensation is the constant-term
     case, which needs a bias the Llama projections do not have); the report's ``refit`` has each
     layer's relative reconstruction error without and with it.
-    ``verbose``: print the summary table.
+    ``verbose``: print the summary table. The report has ``hidden_size_before``/``hidden_size_after``
+    (None for a model that declares no hidden channels) and ``kept_hidden_channels``.
     """
     owner = "prune"
     started = time.perf_counter()
@@ -276,22 +295,28 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
         raise ValueError(f"{owner}: a budget over layers and width together is not built yet: prune depth "
                          f"(units=('layers',)) and width (units=('heads', 'neurons')) in two calls, or give a "
                          f"target shape; got units={units}")
-    for key, what in NOT_YET.items():
-        if key in constraints:
-            raise ValueError(f"{owner}: constraints[{key!r}] asks for {what}, which ms_prune does not do yet; prune "
-                             f"heads and FFN neurons ({', '.join(SHAPE_KEYS)}, or a params/flops budget)")
     shape = {k: v for k, v in constraints.items() if k in SHAPE_KEYS}
     if shape and len(shape) != len(constraints):
         raise ValueError(f"{owner}: constraints is either a budget ({{'params': ...}} or {{'flops': ...}}) or a target "
                          f"shape ({', '.join(SHAPE_KEYS)}), not both: got {constraints!r}")
     for key, value in shape.items():
         check_int(owner, f"constraints[{key!r}]", value, minimum=1)
+    width_shape = {k: v for k, v in shape.items() if k in WIDTH_KEYS}
+    # hidden channels have no FLAP or gradient score: ranked by activation unless magnitude or random
+    hidden_method = (method if method in HIDDEN_METHODS else "activation") if "hidden_size" in shape else None
+    if hidden_method is not None:
+        hidden_size = protocol.hidden_of(model, owner).size
+        if shape["hidden_size"] > hidden_size:
+            raise ValueError(f"{owner}: constraints['hidden_size'] must be in 1..{hidden_size} (the model's hidden "
+                             f"size), got {shape['hidden_size']}")
     depth = "num_hidden_layers" in shape or depth_budget
-    if data is None and (depth or refit or (method != "random" and method != "magnitude" and scores is None)):
+    if data is None and (depth or refit or (method != "random" and method != "magnitude" and scores is None)
+                         or hidden_method == "activation"):
         what = "depth needs data" if depth else f"method={method!r} needs data"
         inputs = "the loss net's inputs" if method == "gradnas" and not depth else "the model's inputs"
         raise ValueError(f"{owner}: {what}: calibration batches of {inputs} (a list of tuples of arrays), got None")
-    if (method in ("activation", "flap", "gradnas") and scores is None) or depth or refit:
+    if (method in ("activation", "flap", "gradnas") and scores is None) or depth or refit or \
+            hidden_method == "activation":
         data = take_batches(owner, data, num_batches)
     if depth and scores is not None:
         raise ValueError(f"{owner}: scores= were computed on the model before its layers are removed; leave them out "
@@ -300,14 +325,20 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
     params_before = cost.num_parameters(model)
     flops_before = cost.forward_flops(model, seq_len) if seq_len else None
     layers_removed, influence, refit_report = [], None, None
-    if refit and (depth_budget or (shape and set(shape) == {"num_hidden_layers"})):
-        raise ValueError(f"{owner}: refit rescales kept heads and neurons; a depth-only pruning has none to rescale")
+    if refit and (depth_budget or (shape and not width_shape)):
+        raise ValueError(f"{owner}: refit rescales kept heads and neurons; a pruning of depth or hidden size alone has "
+                         f"none to rescale")
     if depth:
         influence = layer_scores(model, data)
         layers_removed = _layers_to_remove(owner, model, influence, shape, constraints, seq_len)
         if layers_removed:
             protocol.adapter(model).remove_layers(layers_removed)
-    if depth_budget or (shape and set(shape) == {"num_hidden_layers"}):
+    hidden_before = _hidden_size(model)
+    # scored before any width surgery, as Minitron ranks every axis on the model it starts from
+    hidden_started = time.perf_counter()
+    channel_scores = None if hidden_method is None else hidden_scores(model, hidden_method, data, seed=seed)
+    hidden_seconds = time.perf_counter() - hidden_started
+    if depth_budget or (shape and not width_shape):
         scores = None
     elif scores is None:
         scores = score_units(model, method, data, loss_net, seed=seed)
@@ -315,7 +346,6 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
         check_instance(owner, "scores", scores, GradNASScores)
         scores.check_matches(model, owner)
     model_adapter = protocol.adapter(model)
-    width_shape = {k: v for k, v in shape.items() if k in WIDTH_KEYS}
     if scores is None:
         keep_heads = keep_neurons = None
     elif width_shape:
@@ -341,6 +371,10 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
             model_adapter.prune_heads(pruned_heads)
         if pruned_neurons:
             model_adapter.prune_ffn_neurons(pruned_neurons)
+    kept_hidden = None
+    if channel_scores is not None and shape["hidden_size"] < hidden_before:
+        kept_hidden = sorted(np.argsort(-channel_scores, kind="stable")[:shape["hidden_size"]].tolist())
+        protocol.slice_hidden(model, kept_hidden)
     heads, kv_heads, neurons = _layer_shapes(model)
     kept_heads, kept_neurons = [a.kept for a in model_adapter.attentions()], \
         [f.kept for f in model_adapter.ffns()] if model_adapter.ffns() is not None else []
@@ -356,9 +390,11 @@ def prune(model, constraints, data=None, method="activation", loss_net=None, seq
             zip([a.total for a in model_adapter.attentions()], kept_heads)) if len(kept) < a_total},
         pruned_neurons={i: [n for n in range(f.total) if n not in kept] for i, (f, kept) in enumerate(
             zip(model_adapter.ffns() or [], kept_neurons)) if len(kept) < f.total},
+        hidden_size_before=hidden_before, hidden_size_after=_hidden_size(model), kept_hidden_channels=kept_hidden,
+        hidden_method=hidden_method, hidden_scores=None if channel_scores is None else channel_scores.tolist(),
         layers_removed=layers_removed, block_influence=None if influence is None else influence.tolist(),
         refit=refit_report,
-        score_seconds=scores.seconds if scores is not None else 0.0, seconds=time.perf_counter() - started,
+        score_seconds=(scores.seconds if scores is not None else 0.0) + hidden_seconds, seconds=time.perf_counter() - started,
         scores=scores)
     if verbose:
         print(report.table(), flush=True)

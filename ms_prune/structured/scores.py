@@ -6,6 +6,8 @@
 * ``"flap"`` (An et al., AAAI 2024): the fluctuation of each input channel of the output
   projection, its variance over the calibration tokens times the squared norm of the weights that
   read it; a head sums its channels'.
+* Hidden channels (Minitron's embedding channels): the mean |activation| of each channel at the
+  outputs of every layer's norms, summed over the norms (``hidden_scores``).
 * Layers: block influence (ShortGPT, Men et al. 2024; Gromov et al. 2024), 1 - the mean cosine
   similarity of a layer's input and output hidden states over the calibration tokens: a layer that
   barely turns its input matters least (``layer_scores``).
@@ -22,11 +24,12 @@ from mindspore import Parameter, Tensor, nn, ops
 
 from ms_prune import protocol
 from ms_prune.gradnas import masks as _masks
-from ms_prune.gradnas.gradnas import GradNASScores, as_batch, eval_mode, model_units, output_slices, take_batches
+from ms_prune.gradnas.gradnas import GradNASScores, model_units, output_slices, run_pass, take_batches
 
-__all__ = ["ACTIVATION_METHODS", "activation_scores", "layer_scores"]
+__all__ = ["ACTIVATION_METHODS", "HIDDEN_METHODS", "activation_scores", "hidden_scores", "layer_scores"]
 
 ACTIVATION_METHODS = ("activation", "flap")
+HIDDEN_METHODS = ("activation", "magnitude", "random")
 
 
 class ChannelMoments(nn.Cell):
@@ -52,10 +55,7 @@ def _moments(model, batches):
                                              lambda _, ffn: ChannelMoments(ffn.num_neurons, 1))
     cells = head_cells + neuron_cells
     try:
-        forward = _masks.compiled(_masks.Forward(model))
-        with eval_mode(model):
-            for batch in batches:
-                forward(*as_batch(batch))
+        run_pass(_masks.Forward(model), batches, model)
         stats = [None if c is None else (c.sum.asnumpy(), c.square.asnumpy(), float(c.count.asnumpy()))
                  for c in cells]
     finally:
@@ -110,6 +110,63 @@ def activation_scores(model, batches, method="activation", num_batches=None):
     return GradNASScores(heads, neurons, kept_heads, kept_neurons, method, len(taken), time.perf_counter() - start)
 
 
+class ChannelActivity(protocol.LayerWrapper):
+    """Runs its layer (a norm) and adds, per channel of its output, the sum of |activation| over the
+    tokens, and the token count, into Parameters; returns the layer's output."""
+
+    def __init__(self, layer, size):
+        super().__init__(layer)
+        self.activity = Parameter(Tensor(np.zeros((size,), np.float32)), name="hidden_activity", requires_grad=False)
+        self.tokens = Parameter(Tensor(np.zeros((), np.float32)), name="hidden_tokens", requires_grad=False)
+
+    def construct(self, x):
+        y = self.layer(x)
+        flat = y.reshape(-1, y.shape[-1]).astype(ms.float32)
+        y = ops.depend(y, ops.assign_add(self.activity, ops.abs(flat).sum(0)))
+        return ops.depend(y, ops.assign_add(self.tokens, ops.ones((), ms.float32) * flat.shape[0]))
+
+
+def hidden_scores(model, method="activation", batches=None, num_batches=None, seed=0):
+    """One score per current hidden channel of a model that declares ``hidden_channels()``:
+    'activation' (Minitron): the mean over the calibration tokens of |activation| at the output of
+    every declared norm, summed over the norms (one compiled forward per batch, capture Cells on the
+    norms, summed over the workers under ``msrun``); 'magnitude': the norm of the channel's column of
+    the token embedding; 'random': seeded uniform. A numpy vector, the smallest the first to go."""
+    owner = "hidden_scores"
+    if method not in HIDDEN_METHODS:
+        raise ValueError(f"{owner}: hidden channels are scored by one of {HIDDEN_METHODS}, got {method!r}")
+    hidden = protocol.hidden_of(model, owner)
+    if method == "random":
+        return np.random.default_rng(seed).random(hidden.size)
+    if method == "magnitude":
+        if hidden.embedding is None:
+            raise ValueError(f"{owner}: method='magnitude' reads the token embedding; the model's HiddenChannels "
+                             f"names none (declare embedding=<its parameter path>)")
+        owner_cell, name = protocol.resolve_path(model, hidden.embedding)
+        table = np.moveaxis(getattr(owner_cell, name).asnumpy().astype(np.float64), hidden.parameters[hidden.embedding],
+                            -1)
+        return np.sqrt(np.square(table.reshape(-1, hidden.size)).sum(0))
+    if not hidden.norms:
+        raise ValueError(f"{owner}: method='activation' reads the norms' outputs; the model's HiddenChannels names "
+                         f"no norms")
+    taken = take_batches(owner, batches, num_batches)
+    slots = [protocol.resolve_path(model, path) for path in hidden.norms]
+    originals = [getattr(cell, name) for cell, name in slots]
+    probes = [ChannelActivity(norm, hidden.size) for norm in originals]
+    for (cell, name), probe in zip(slots, probes):
+        setattr(cell, name, probe)
+    protocol.refresh(model)
+    try:
+        run_pass(_masks.Forward(model), taken, model)
+        sums = np.concatenate([np.concatenate([p.activity.asnumpy(), [float(p.tokens.asnumpy())]]) for p in probes])
+    finally:
+        for (cell, name), norm in zip(slots, originals):
+            setattr(cell, name, norm)
+        protocol.refresh(model)
+    sums = _masks.all_reduce_sum(sums.astype(np.float32)).astype(np.float64).reshape(len(probes), hidden.size + 1)
+    return (sums[:, :-1] / np.maximum(sums[:, -1:], 1.0)).sum(0)
+
+
 class InfluenceProbe(protocol.LayerWrapper):
     """Runs its layer and adds, over the tokens, the cosine similarity of the layer's input and output
     hidden states (and the token count) into Parameters; returns what the layer returns."""
@@ -147,10 +204,7 @@ def layer_scores(model, batches, num_batches=None):
         layers[i] = probe
     protocol.refresh(model)
     try:
-        forward = _masks.compiled(_masks.Forward(model))
-        with eval_mode(model):
-            for batch in taken:
-                forward(*as_batch(batch))
+        run_pass(_masks.Forward(model), taken, model)
         sums = np.array([[float(p.cosines.asnumpy()), float(p.tokens.asnumpy())] for p in probes], np.float32)
     finally:
         for i, layer in enumerate(originals):

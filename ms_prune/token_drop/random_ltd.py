@@ -9,7 +9,7 @@ engine's ``Trainer`` (with the :class:`RandomLTD` algorithm) or :class:`RandomLT
 one compiled step per distinct kept length (and batch shape), which bounds compilations by
 :meth:`RandomLTDScheduler.distinct_lengths`.
 
-Composer form: :func:`apply_random_ltd` / :func:`revert_random_ltd` and the :class:`RandomLTD`
+Composer form: :func:`apply_random_ltd` / :func:`remove_random_ltd` and the :class:`RandomLTD`
 algorithm, which draws the token scores on the host from the run's saved RNG (resumable); the
 functional form draws them in the graph by default.
 """
@@ -20,15 +20,15 @@ import mindspore as ms
 from mindspore import Parameter, Tensor, nn, ops
 
 from ms_prune import cost, protocol
-from ms_prune.engine import Algorithm, Event
+from ms_prune.engine import Algorithm, Applied, Event
 from ms_prune.protocol import LayerCall, LayerWrapper, call_argument
 from ms_prune.training import compiled_graph_count, make_train_step, write_parameter
-from ms_prune.validation import check_bool, check_instance, check_int
+from ms_prune.validation import check_bool, check_instance, check_int, deprecated_alias
 
 from .scheduler import RandomLTDScheduler, check_schedule, set_learning_rate
 
 # The Composer form; the older names below stay importable from this module and the package.
-__all__ = ["RandomLTD", "apply_random_ltd", "revert_random_ltd"]
+__all__ = ["RandomLTD", "apply_random_ltd", "remove_random_ltd"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,8 +381,9 @@ def token_draws(wrappers):
     return draws
 
 
-def revert_random_ltd(model):
-    """Put the wrapped layers back (the trained weights stay); returns the model."""
+def remove_random_ltd(model):
+    """Put the wrapped layers back (the trained weights stay); returns the model (``apply_random_ltd``'s
+    inverse)."""
     reverted = 0
     for _, parent in list(model.cells_and_names()):
         for key, child in list(parent.name_cells().items()):
@@ -391,9 +392,12 @@ def revert_random_ltd(model):
                           child.layer)
                 reverted += 1
     if not reverted:
-        raise ValueError(f"{type(model).__name__} has no random-LTD layers to revert")
+        raise ValueError(f"remove_random_ltd: {type(model).__name__} has no random-LTD layers")
     protocol.refresh(model)
     return model
+
+
+revert_random_ltd = deprecated_alias(remove_random_ltd, "revert_random_ltd")
 
 
 def forward_flops_with_ltd(model, seq_len, batch_size=1):
@@ -507,8 +511,8 @@ def make_random_ltd_train_step(model, loss_net, optimizer, scheduler, lr_schedul
 # --------------------------------------------------------------------------------------------
 def apply_random_ltd(model, min_value, max_value, require_steps, seq_per_step=16, layer_ids=None,
                      layer_class=None, batch_first=True, share_draw=True, host_noise=False, layer_call=None):
-    """Convert ``model`` in place and return ``(wrappers, scheduler)`` with the layer counts filled
-    in. Before each training step set ``scheduler.kept_length()`` on the wrappers (or train with
+    """Convert ``model`` in place and return ``Applied(cells=wrappers, schedule=scheduler)`` (it
+    unpacks as ``wrappers, scheduler``), the scheduler with the layer counts filled in. Before each training step set ``scheduler.kept_length()`` on the wrappers (or train with
     ``make_random_ltd_train_step``, or the :class:`RandomLTD` algorithm, which do it); scores are
     drawn in the graph unless ``host_noise`` (see :func:`convert_to_random_ltd`)."""
     min_value, max_value, require_steps, seq_per_step = check_schedule(
@@ -518,7 +522,7 @@ def apply_random_ltd(model, min_value, max_value, require_steps, seq_per_step=16
                                      host_noise=host_noise, layer_call=layer_call)
     scheduler = RandomLTDScheduler(min_value, max_value, require_steps, seq_per_step,
                                    total_layers=total, ltd_layers=len(wrappers))
-    return wrappers, scheduler
+    return Applied(wrappers, scheduler)
 
 
 class RandomLTD(Algorithm):

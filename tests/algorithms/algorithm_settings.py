@@ -16,15 +16,17 @@ Each row maps a name to a dict:
 * ``steps``: how many steps the suite trains.
 """
 import numpy as np
+import mindspore as ms
 from mindspore import ops
 
+from ms_prune.distill import Distillation, apply_distillation, remove_distillation
 from ms_prune.gradnas import GradNAS
 from ms_prune.gradnas.masks import attach_masks, detach
 from ms_prune.heads.algorithm import LRP, apply_lrp, remove_lrp
 from ms_prune.layer_drop import ProgressiveLayerDropping, apply_progressive_layer_drop, remove_progressive_layer_drop
 from ms_prune.models.bert import BertConfig, BertForSequenceClassification
 from ms_prune.models.gpt2 import GPT2Config, GPT2LMHeadModel
-from ms_prune.token_drop import RandomLTD, apply_random_ltd, revert_random_ltd
+from ms_prune.token_drop import RandomLTD, apply_random_ltd, remove_random_ltd
 
 VOCAB = 60
 
@@ -72,6 +74,22 @@ def apply_tiny_random_ltd(model):
     return apply_random_ltd(model, **RANDOM_LTD)
 
 
+def tiny_teacher():
+    """A GPT-2 of the student's shape with other weights, the same in every process (the global
+    seed is restored after: the student's initialisation does not depend on the teacher's)."""
+    seed = ms.get_seed()
+    ms.set_seed(7)
+    teacher = tiny_gpt2()
+    if seed is not None:
+        ms.set_seed(seed)
+    return teacher
+
+
+DISTILLATION = dict(temperature=2.0, alpha=0.7, top_k=8, vocab_chunk=16)
+def apply_tiny_distillation(model):
+    return apply_distillation(model, tiny_teacher(), lm_loss, **DISTILLATION)
+
+
 def is_gate_tensor(name):
     return ".head_gate." in name
 
@@ -100,5 +118,9 @@ ALGORITHM_SETTINGS = {
     "random_ltd": dict(
         algorithm=lambda: RandomLTD(**RANDOM_LTD),
         model=tiny_gpt2, data=lm_batch, loss_fn=lm_loss,
-        apply=apply_tiny_random_ltd, remove=revert_random_ltd, adds_tensors=None, model_train=False, steps=6),
+        apply=apply_tiny_random_ltd, remove=remove_random_ltd, adds_tensors=None, model_train=False, steps=6),
+    "distillation": dict(
+        algorithm=lambda: Distillation(tiny_teacher(), **DISTILLATION),
+        model=tiny_gpt2, data=lm_batch, loss_fn=lm_loss,
+        apply=apply_tiny_distillation, remove=remove_distillation, adds_tensors=None, model_train=True, steps=6),
 }

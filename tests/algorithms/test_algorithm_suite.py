@@ -9,7 +9,7 @@ import mindspore.dataset as ds
 from mindspore import Tensor, nn
 from mindspore.train import Model
 
-from ms_prune.engine import AlgorithmCallback, Trainer
+from ms_prune.engine import AlgorithmCallback, Event, Trainer
 from ms_prune.engine.trainer import ModelLoss
 
 from .algorithm_settings import ALGORITHM_SETTINGS
@@ -102,7 +102,9 @@ def test_runs_under_model_train_or_is_refused(row, sink, mode):
         1, dataset, callbacks=[callback, Record()], dataset_sink_mode=sink)
     assert losses and np.all(np.isfinite(losses)), losses
     starts = [e for _, e, _ in callback.engine.trace].count("batch_start")
+    # an algorithm that only builds the loss (distillation) acts at INIT alone
+    per_step = callback.state.algorithms[0].match(Event.BATCH_START, callback.state)
     if not sink:  # the algorithms acted between the steps of the one compiled graph
-        assert len(losses) == s["steps"] and starts == s["steps"], callback.engine.trace
+        assert len(losses) == s["steps"] and starts == (s["steps"] if per_step else 0), callback.engine.trace
     else:  # MindSpore calls back once per sink chunk
-        assert starts >= 1, callback.engine.trace
+        assert starts >= 1 or not per_step, callback.engine.trace
