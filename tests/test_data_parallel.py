@@ -56,6 +56,8 @@ def graph():
 
 
 CASES = worker.CASES
+# one worker process runs this module: its tests share one msrun launch (equal_run)
+pytestmark = pytest.mark.xdist_group("data_parallel")
 
 
 @pytest.mark.parametrize("name", CASES)

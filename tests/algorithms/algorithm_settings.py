@@ -13,7 +13,9 @@ Each row maps a name to a dict:
   or None: then the model's tensor names must be exactly the original ones after ``apply``;
 * ``model_train``: True if the algorithm runs under ``AlgorithmCallback`` with
   ``mindspore.train.Model.train``; False if the callback must refuse it, naming the Trainer;
-* ``steps``: how many steps the suite trains.
+* ``steps``: how many steps the suite trains;
+* ``acts_per_step`` (default True): False for an algorithm that acts at INIT alone (it builds the
+  loss, as distillation does), so no BATCH_START is expected under ``Model.train``.
 """
 import numpy as np
 import mindspore as ms
@@ -122,5 +124,6 @@ ALGORITHM_SETTINGS = {
     "distillation": dict(
         algorithm=lambda: Distillation(tiny_teacher(), **DISTILLATION),
         model=tiny_gpt2, data=lm_batch, loss_fn=lm_loss,
-        apply=apply_tiny_distillation, remove=remove_distillation, adds_tensors=None, model_train=True, steps=6),
+        apply=apply_tiny_distillation, remove=remove_distillation, adds_tensors=None, model_train=True, steps=6,
+        acts_per_step=False),
 }
