@@ -369,14 +369,16 @@ class LlamaForCausalLM(LlamaPreTrainedCell):
         return 2 * self.config.hidden_size * self.config.vocab_size * seq_len if self.tied else 0
 
 
-def greedy_generate(model, input_ids, max_new_tokens, eos_token_id=None):
+def greedy_generate(model, input_ids, max_new_tokens, eos_token_id=None, pad_to=None):
     """Greedy continuation of ``input_ids`` (numpy (batch, seq) ints, no padding) by a causal LM
     returning logits: numpy (batch, seq + generated).
 
-    Every step runs the model on one fixed-length buffer (prompt + ``max_new_tokens``, the tail
-    filled with token 0) and reads the logits at the last real position: causal attention keeps
-    the filler invisible to it, and one input shape means GRAPH_MODE compiles once instead of once
-    per length. No key/value cache: meant for checks and short prompts, not for serving.
+    Every step runs the model on one fixed-length buffer (prompt + ``max_new_tokens``, or
+    ``pad_to`` tokens when that is longer; the tail filled with token 0) and reads the logits at
+    the last real position: causal attention keeps the filler invisible to it, and one input shape
+    means GRAPH_MODE compiles once instead of once per length. ``pad_to`` shares that one graph
+    between prompts of different lengths, or with an evaluation of (batch, pad_to) windows. No
+    key/value cache: meant for checks and short prompts, not for serving.
     """
     ids = np.asarray(input_ids)
     if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
@@ -384,13 +386,15 @@ def greedy_generate(model, input_ids, max_new_tokens, eos_token_id=None):
                          f"{ids.dtype} of shape {ids.shape}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
         raise ValueError(f"greedy_generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if pad_to is not None and (isinstance(pad_to, bool) or not isinstance(pad_to, (int, np.integer)) or pad_to < 1):
+        raise ValueError(f"greedy_generate: pad_to must be None or an int >= 1, got {pad_to!r}")
     prompt = ids.shape[1]
-    buffer = np.zeros((ids.shape[0], prompt + max_new_tokens), np.int32)
+    buffer = np.zeros((ids.shape[0], max(prompt + max_new_tokens, pad_to or 0)), np.int32)
     buffer[:, :prompt] = ids
     was_training = model.training
     model.set_train(False)
-    length = prompt
-    while length < buffer.shape[1]:
+    length, end = prompt, prompt + max_new_tokens
+    while length < end:
         outputs = model(Tensor(buffer))
         logits = outputs[0] if isinstance(outputs, tuple) else outputs
         next_ids = logits[:, length - 1].argmax(-1).asnumpy().astype(np.int32)

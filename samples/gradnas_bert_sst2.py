@@ -22,7 +22,6 @@
 last checkpoint), the fair baseline, the scores (saved beside the JSON) and every (budget, method)
 already in the JSON; so the full schedule can be run in parts.
 """
-import json
 import logging
 import os
 import tempfile
@@ -38,7 +37,7 @@ from ms_prune.engine.trainer import ModelLoss
 from ms_prune.training import classification_accuracy, release_graph_memory, set_context, write_json
 
 from harness import (NON_NEGATIVE, OPEN_FRACTION, POSITIVE, RATE, cross_entropy, fine_tuned_model, freeze,
-                     sample_cli, section_ranges, sst2_rows, train_phase)
+                     interrupted_run, sample_cli, section_ranges, sst2_rows, train_phase)
 
 KEYS = {"max_len", "buckets", "batch_size", "eval_batch_size", "freeze_word_embeddings", "finetune", "scoring",
         "seq_len", "budgets", "quick_budgets", "methods", "recovery", "latency", "log_every", "seed"}
@@ -86,22 +85,12 @@ def unpadded_batches(rows, labels, batch_size, count, rng, min_len=12):
     return batches
 
 
-def interrupted_run(path, config, quick):
-    """The results JSON an interrupted run with these settings left at ``path`` (``--resume``), or
-    None when there is none."""
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        previous = json.load(f)
-    if previous.get("config") != config or previous.get("quick") != quick:
-        raise ValueError(f"--resume: {path} holds a run with other settings (config or --quick); run without "
-                         f"--resume to start again, or give another --json")
-    return previous
-
-
 def main(argv=None):
     args, config = sample_cli(__file__, __doc__, KEYS, "short schedules, one budget (< 15 min on CPU)", argv,
                               [("--png", dict(default=None, help="figure path (None: the JSON path with .png)")),
+                               ("--model_dir", dict(default=None, help="a Hugging Face-layout BERT folder with "
+                                                    "tokenizer.json (None: all-MiniLM-L6-v2 from "
+                                                    "ms_prune.hub.minilm_dir())")),
                                ("--resume", dict(action="store_true", help="keep what an interrupted run with these "
                                                  "settings finished (its --json)"))],
                               ranges=RANGES)
@@ -119,21 +108,23 @@ def main(argv=None):
     pick = lambda section, key="steps": section[f"quick_{key}"] if quick else section[key]  # noqa: E731
     buckets, log_every, seq_len = sorted(config["buckets"]), config["log_every"], config["seq_len"]
     t0 = time.time()
-    (train_rows, train_labels), (test_rows, test_labels) = sst2_rows(minilm_dir(), config["max_len"])
+    base_dir = args.model_dir or minilm_dir()
+    (train_rows, train_labels), (test_rows, test_labels) = sst2_rows(base_dir, config["max_len"])
     print(f"SST-2: {len(train_rows)} train / {len(test_rows)} test sentences", flush=True)
     batches = row_batch_fn(train_rows, train_labels, config["batch_size"], buckets, config["seed"])
     first_step = pick(config["finetune"])  # every recovery (and the fair baseline) sees the same batches after it
     evaluate = lambda m: classification_accuracy(  # noqa: E731
         m, test_rows, test_labels, config["eval_batch_size"], buckets)
 
-    folder, trained_now = fine_tuned_model(config, quick, batches, log_every, args.resume)
+    folder, trained_now = fine_tuned_model(config, quick, batches, log_every, args.resume, args.model_dir)
     model = BertForSequenceClassification.from_pretrained(folder)
     model.set_train(False)
     base_accuracy = evaluate(model)
     print(f"fine-tuned MiniLM: SST-2 accuracy {base_accuracy:.2f}% ({time.time() - t0:.0f} s)", flush=True)
     rec = config["recovery"]
     result = {"config": config, "quick": quick, "device": args.device_target, "mode": "GRAPH_MODE",
-              "model": "all-MiniLM-L6-v2 + classifier", "eval_set": "SST-2 GLUE dev (872)",
+              "model": f"{os.path.basename(base_dir.rstrip(os.sep))} + classifier",
+              "eval_set": "SST-2 GLUE dev (872)",
               "finetuned_model": folder, "finetuned_now": trained_now, "baseline_accuracy": base_accuracy,
               "seq_len": seq_len, "budgets": [], "complete": False}
     png = args.png or os.path.splitext(args.json)[0] + ".png"
@@ -178,7 +169,7 @@ def main(argv=None):
     result["score_batches"] = score_count
     result["refit_tokens"] = int(sum(b[0].size for b in refit_batches))
     release_graph_memory()
-    print(f"scored 72 heads and {sum(len(n) for n in fisher.neurons)} neurons on {score_count} batches "
+    print(f"scored {sum(model.heads_per_layer())} heads and {sum(len(n) for n in fisher.neurons)} neurons on {score_count} batches "
           f"of {config['batch_size']}x{config['max_len']} in {result['score_seconds']:.1f} s", flush=True)
     scores = {"fisher": fisher, "magnitude": compute_scores(model, method="magnitude"),
               "random": compute_scores(model, method="random", seed=config["seed"])}
@@ -230,8 +221,8 @@ def main(argv=None):
             del candidate
             release_graph_memory()
             print(f"FLOPs {100 * target:g}% {name}: flops x{outcome['ratios']['flops']:.3f}, params "
-                  f"x{outcome['ratios']['params']:.3f}, heads {sum(outcome['heads_per_layer'])}/72, neurons "
-                  f"{sum(outcome['neurons_per_layer'])}/9216: accuracy {entry['accuracy'][name]:.2f}% pruned, "
+                  f"x{outcome['ratios']['params']:.3f}, heads {sum(outcome['heads_per_layer'])}/{sum(model.heads_per_layer())}, neurons "
+                  f"{sum(outcome['neurons_per_layer'])}/{sum(model.neurons_per_layer())}: accuracy {entry['accuracy'][name]:.2f}% pruned, "
                   f"{entry['accuracy_finetuned'][name]:.2f}% after {pick(rec)} steps ({time.time() - t0:.0f} s)",
                   flush=True)
             save_progress()

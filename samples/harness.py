@@ -74,6 +74,19 @@ def _read_config(path):
     return config
 
 
+def interrupted_run(path, config, quick):
+    """The results JSON an interrupted run with these settings left at ``path`` (``--resume``), or
+    None when there is none; one with other settings (config or ``--quick``) is a ValueError."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        previous = json.load(f)
+    if previous.get("config") != config or previous.get("quick") != quick:
+        raise ValueError(f"--resume: {path} holds a run with other settings (config or --quick); run without "
+                         f"--resume to start again, or give another --json")
+    return previous
+
+
 # ---- training phases -----------------------------------------------------------------------------
 def resume_from_checkpoints(checkpoints, resume):
     """A sample phase's ``resume_from``: 'latest' when ``resume`` and ``checkpoints`` holds a
@@ -137,10 +150,11 @@ def freeze(model, enabled):
                 param.requires_grad = False
 
 
-def fine_tuned_model(config, quick, batches, log_every, resume=False):
-    """The fine-tuned MiniLM folder and whether it was made now: made once per fine-tune setting
-    (in the ms_prune cache), so the samples share it when their settings agree; with ``resume``, an
-    interrupted fine-tune goes on from its last checkpoint."""
+def fine_tuned_model(config, quick, batches, log_every, resume=False, base_dir=None):
+    """The fine-tuned MiniLM folder (or the BERT folder ``base_dir``, fine-tuned) and whether it
+    was made now: made once per fine-tune setting (in the ms_prune cache), so the samples share it
+    when their settings agree; with ``resume``, an interrupted fine-tune goes on from its last
+    checkpoint."""
     from ms_prune.hub import default_cache_dir, minilm_dir
     from ms_prune.models.bert import BertForSequenceClassification
     ft = config["finetune"]
@@ -148,13 +162,15 @@ def fine_tuned_model(config, quick, batches, log_every, resume=False):
     key = {k: config[k] for k in ("max_len", "buckets", "batch_size", "freeze_word_embeddings", "seed")}
     # the procedure's first name, kept so that the fine-tunes already cached stay valid
     key.update(lr=ft["lr"], weight_decay=ft["weight_decay"], steps=steps, procedure="lrp_bert_sst2.train (Trainer)")
+    if base_dir is not None:  # MiniLM's fine-tunes keep the names they were cached under
+        key["base_model"] = os.path.abspath(base_dir)
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     folder = os.path.join(default_cache_dir(), f"minilm-sst2-finetuned-{digest}")
     if os.path.isfile(os.path.join(folder, "model.safetensors")):
         print(f"fine-tuned MiniLM from the cache: {folder}", flush=True)
         return folder, False
     ms.set_seed(config["seed"])
-    model = BertForSequenceClassification.from_pretrained(minilm_dir(), num_labels=2)
+    model = BertForSequenceClassification.from_pretrained(base_dir or minilm_dir(), num_labels=2)
     freeze(model, config["freeze_word_embeddings"])
     print(f"fine-tuning MiniLM on SST-2 for {steps} steps of {config['batch_size']}", flush=True)
     checkpoints = folder + ".checkpoints"

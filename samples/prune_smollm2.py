@@ -53,7 +53,8 @@ def main(argv=None):
 
     def measure(model):
         t0 = time.time()
-        continuation = greedy_generate(model, prompt, config["new_tokens"])[0, prompt.shape[1]:]
+        # padded to the perplexity windows' length: one compiled graph serves both
+        continuation = greedy_generate(model, prompt, config["new_tokens"], pad_to=seq_len)[0, prompt.shape[1]:]
         row = {"perplexity": lm_perplexity(model, test, 1, seq_len, settings["eval_windows"]),
                "answer": encode.tokenizer.decode(continuation.tolist()).strip(), "parameters": model.num_parameters(),
                "gflops": model.forward_flops(seq_len) / 1e9, "heads": sum(model.heads_per_layer()),

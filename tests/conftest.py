@@ -17,6 +17,19 @@ if SAMPLES_DIR not in sys.path:
     sys.path.append(SAMPLES_DIR)
 
 
+# The files that take longest (pytest --durations, fresh clone), started first: two processes take
+# whole files in collection order, so one of these started last would run on alone at the end.
+LONGEST_FIRST = ("test_gradnas_sample.py", "test_data_parallel.py", "algorithms/test_algorithm_suite.py",
+                 "test_llama.py", "test_docs.py", "algorithms/test_composition.py", "test_token_drop.py",
+                 "test_gradnas.py", "test_foreign_zoo.py", "test_sample_cli.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    tests_dir = os.path.join(ROOT, "tests")
+    items.sort(key=lambda item: rank.get(os.path.relpath(str(item.path), tests_dir), len(rank)))  # stable
+
+
 @pytest.fixture(params=["graph", "pynative"])
 def mode(request):
     """Run a test in GRAPH_MODE (how users train) and in PyNative."""
@@ -25,8 +38,9 @@ def mode(request):
     set_context("pynative")
 
 
-def run_two_workers(script, out_dir, timeout=900):
-    """Run ``script OUT_DIR`` as two CPU data-parallel workers with MindSpore's ``msrun`` (skips
+def run_two_workers(script, out_dir, timeout=900, args=None):
+    """Run ``script OUT_DIR`` (or ``script *args``) in ``out_dir`` as two CPU data-parallel workers
+    with MindSpore's ``msrun``, which starts a script with the ``python`` on PATH (skips
     when it is not installed next to this Python); fails with the workers' log tails. The timeout
     is generous: the equal-run phase trains every algorithm of the suite, and a loaded 2-core
     machine runs it several times slower."""
@@ -45,7 +59,7 @@ def run_two_workers(script, out_dir, timeout=900):
     port = 20000 + (os.getpid() + hash(script)) % 20000
     logs_dir = os.path.join(str(out_dir), "logs")
     command = [msrun, "--worker_num=2", "--local_worker_num=2", f"--master_port={port}", "--join=True",
-               f"--log_dir={logs_dir}", script, str(out_dir)]
+               f"--log_dir={logs_dir}", script] + ([str(out_dir)] if args is None else [str(a) for a in args])
     result = subprocess.run(command, cwd=str(out_dir), env=env, capture_output=True, text=True, timeout=timeout)
     logs = ""
     if os.path.isdir(logs_dir):

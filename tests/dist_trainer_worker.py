@@ -13,6 +13,8 @@ functions). Usage: dist_trainer_worker.py OUT_DIR; OUT_DIR/phase.json says what 
 * ``{"phase": "sample", "argv": [...]}``: ``samples/data_parallel.py`` with these arguments.
 * ``{"phase": "model_train"}``: ``AlgorithmCallback`` with PLD and LRP under ``Model.train`` in
   DATA_PARALLEL mode (``gradients_mean=True``), each worker on its share of the global batches.
+* ``{"phase": ["equal", "model_train"]}``: those phases one after the other in one launch (each
+  launch starts two MindSpore processes and their group: about 15 s).
 """
 import json
 import os
@@ -108,6 +110,11 @@ def main(out_dir):
     from mindspore.communication import get_group_size, get_rank, init
     init()
     rank, size = get_rank(), get_group_size()
+    for name in phase if isinstance(phase, list) else [phase]:
+        run_phase(name, out_dir, rank, size)
+
+
+def run_phase(phase, out_dir, rank, size):
     result = {"rank": rank, "size": size}
     if phase == "equal":
         for name, case in CASES.items():

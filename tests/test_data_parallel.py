@@ -22,6 +22,10 @@ TOLERANCE = 1e-5
 def launch(out_dir, phase):
     (out_dir / "phase.json").write_text(json.dumps({"phase": phase}))
     run_two_workers(WORKER, out_dir)
+    return ranks(out_dir, phase if isinstance(phase, str) else phase[0])
+
+
+def ranks(out_dir, phase):
     return [json.loads((out_dir / f"{phase}_rank{r}.json").read_text()) for r in (0, 1)]
 
 
@@ -45,7 +49,7 @@ def weights_relative(saved, reference):
 @pytest.fixture(scope="module")
 def equal_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("data_parallel_equal")
-    return out, launch(out, "equal")
+    return out, launch(out, ["equal", "model_train"])  # one launch (model_train sets DATA_PARALLEL: last)
 
 
 @pytest.fixture
@@ -95,16 +99,17 @@ def test_killed_run_resumes_to_the_uninterrupted_losses(tmp_path):
         assert rank["resumed"] == uninterrupted[0][2:]
 
 
-def test_algorithm_callback_under_model_train_data_parallel(tmp_path, graph):
+def test_algorithm_callback_under_model_train_data_parallel(equal_run, graph):
     """PLD and LRP through AlgorithmCallback in Model.train, parallel_mode=DATA_PARALLEL with
     gradients_mean=True, each worker on half of every global batch: the final weights (LRP pruned
     at the end) equal a single-process Model.train on the global batches."""
-    ranks = launch(tmp_path, "model_train")
-    assert ranks[0]["heads"] == ranks[1]["heads"]
-    final = [dict(np.load(tmp_path / f"model_train_rank{r}.npz")) for r in (0, 1)]
+    out = equal_run[0]
+    heads = [r["heads"] for r in ranks(out, "model_train")]
+    assert heads[0] == heads[1]
+    final = [dict(np.load(out / f"model_train_rank{r}.npz")) for r in (0, 1)]
     assert weights_relative(final[1], final[0]) == 0.0
-    model = worker.model_train(dict(np.load(tmp_path / "model_train_init.npz")))
-    assert ranks[0]["heads"] == model.heads_per_layer()
+    model = worker.model_train(dict(np.load(out / "model_train_init.npz")))
+    assert heads[0] == model.heads_per_layer()
     error = weights_relative(final[0], worker.weights(model))
     print(f"Model.train: max weight difference relative to the weight scale {error:.2e}")
     assert error < TOLERANCE
@@ -142,3 +147,51 @@ def test_sample_under_msrun_equals_one_process(tmp_path, graph):
     perplexity_error = relative([two["perplexity"]], [one["perplexity"]])
     print(f"sample: max relative difference, losses {loss_error:.2e}, perplexity {perplexity_error:.2e}")
     assert loss_error < TOLERANCE and perplexity_error < TOLERANCE
+
+
+def test_the_train_command_under_msrun_equals_one_process(tmp_path, graph):
+    """``ms-prune train RECIPE.yaml`` (the installed console script) as two msrun workers and in
+    this process: the same losses, evaluation perplexity, pruned heads and saved weights; worker 0
+    alone wrote the report and the model."""
+    import sys
+    import yaml
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from ms_prune import cli
+    console_script = os.path.join(os.path.dirname(sys.executable), "ms-prune")
+    if not os.path.isfile(console_script):
+        pytest.skip("the ms-prune console script is not installed next to this Python (pip install .)")
+    words = "the quick brown fox jumps over a lazy dog while wise owls watch the quiet river".split()
+    rng = np.random.default_rng(0)
+    (tmp_path / "train.txt").write_text("\n".join(" ".join(rng.choice(words, 8)) + "." for _ in range(80)))
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", "."] + sorted(set(words)))},
+                                           unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.save(str(tmp_path / "tokenizer.json"))
+
+    def recipe(output):
+        path = tmp_path / f"{output}.yaml"
+        path.write_text(yaml.safe_dump({
+            "model": {"type": "gpt2", "config": {"vocab_size": 32, "n_positions": 16, "n_embd": 32, "n_layer": 2,
+                                                 "n_head": 4, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                                                 "attn_pdrop": 0.0}},
+            "data": {"train": str(tmp_path / "train.txt"), "eval": str(tmp_path / "train.txt"),
+                     "tokenizer": str(tmp_path), "seq_len": 16, "batch_size": 4, "eval_batches": 2},
+            "trainer": {"max_steps": 4, "lr": 0.003, "log_interval": 2, "checkpoint_interval": 2},
+            "algorithms": {"pld": {"theta": 0.5, "gamma": 0.1}, "lrp": {"target_heads": 5, "warmup_steps": 2}},
+            "output": str(tmp_path / output)}))
+        return path
+
+    run_two_workers(console_script, tmp_path, args=["train", recipe("two")])
+    with open(tmp_path / "two" / "train_report.json") as f:
+        two = json.load(f)
+    one = cli.run(["train", str(recipe("one"))])
+    assert (two["workers"], one["workers"]) == (2, 1)
+    assert two["heads_per_layer"] == one["heads_per_layer"] and sum(one["heads_per_layer"]) == 5
+    loss_error = relative([r["loss"] for r in two["history"]], [r["loss"] for r in one["history"]])
+    perplexity_error = relative([two["history"][-1]["perplexity"]], [one["history"][-1]["perplexity"]])
+    from ms_prune.models.gpt2 import GPT2LMHeadModel
+    saved = worker.weights(GPT2LMHeadModel.from_pretrained(two["model"]))
+    weight_error = weights_relative(saved, worker.weights(GPT2LMHeadModel.from_pretrained(one["model"])))
+    print(f"ms-prune train: max relative difference, losses {loss_error:.2e}, perplexity {perplexity_error:.2e}, "
+          f"weights {weight_error:.2e}")
+    assert loss_error < TOLERANCE and perplexity_error < TOLERANCE and weight_error < TOLERANCE

@@ -376,6 +376,9 @@ def test_greedy_generate_equals_growing_prefix(pynative_llama):
         next_ids = model(Tensor(ids)).asnumpy()[:, -1].argmax(-1).astype(np.int32)
         ids = np.concatenate([ids, next_ids[:, None]], axis=1)
     np.testing.assert_array_equal(greedy_generate(model, prompt, 3), ids)
+    np.testing.assert_array_equal(greedy_generate(model, prompt, 3, pad_to=12), ids)  # a longer buffer
+    with pytest.raises(ValueError, match="pad_to"):
+        greedy_generate(model, prompt, 3, pad_to=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_generate(model, prompt, -1)
     with pytest.raises(ValueError, match="input_ids"):
@@ -459,9 +462,11 @@ def smollm2():
 
 def test_smollm2_says_paris(smollm2):
     model, tokenizer = smollm2
-    set_context("graph")  # one compiled shape serves every step of greedy_generate
+    set_context("graph")
     prompt = tokenizer.encode("The capital of France is").ids
-    out = greedy_generate(model, np.array([prompt]), max_new_tokens=3)
+    # one compiled shape serves every step, and the perplexity windows below (1 x 256)
+    out = greedy_generate(model, np.array([prompt]), max_new_tokens=3, pad_to=256)
+    assert out.shape == (1, len(prompt) + 3)
     continuation = tokenizer.decode(out[0, len(prompt):].tolist())
     assert continuation.startswith(" Paris"), f"continuation {continuation!r}"
 

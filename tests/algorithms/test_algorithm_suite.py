@@ -24,22 +24,34 @@ def build(row, steps, **kwargs):
                    log_interval=0, **kwargs)
 
 
+_RUNS = {}  # (row, mode) -> the uninterrupted run both tests below check (one fit, not two)
+
+
+@pytest.fixture
+def uninterrupted(row, mode, tmp_path_factory):
+    """(losses, engine trace, checkpoint folder) of the row's full run, with a checkpoint halfway."""
+    if (row, mode) not in _RUNS:
+        folder = tmp_path_factory.mktemp(f"{row}_{mode}")
+        trainer = build(row, ALGORITHM_SETTINGS[row]["steps"], checkpoint_dir=str(folder),
+                        checkpoint_interval=ALGORITHM_SETTINGS[row]["steps"] // 2)
+        _RUNS[row, mode] = ([r["loss"] for r in trainer.fit()], list(trainer.engine.trace), folder)
+    return _RUNS[row, mode]
+
+
 @pytest.mark.parametrize("row", ROWS)
-def test_trains_with_a_finite_changing_loss(row, mode):
-    trainer = build(row, ALGORITHM_SETTINGS[row]["steps"])
-    losses = [r["loss"] for r in trainer.fit()]
+def test_trains_with_a_finite_changing_loss(row, mode, uninterrupted):
+    losses, trace, _ = uninterrupted
     assert np.all(np.isfinite(losses)), losses
     assert len(set(losses)) > 1, losses
-    assert any(event == "init" for _, event, _ in trainer.engine.trace)
+    assert any(event == "init" for _, event, _ in trace)
 
 
 @pytest.mark.parametrize("row", ROWS)
-def test_resume_gives_the_identical_next_loss(row, mode, tmp_path):
-    steps = ALGORITHM_SETTINGS[row]["steps"]
-    k = steps // 2
-    first = build(row, steps, checkpoint_dir=str(tmp_path), checkpoint_interval=k)
-    uninterrupted = [r["loss"] for r in first.fit()]
-    resumed = build(row, steps, checkpoint_dir=str(tmp_path), resume_from=str(tmp_path / f"step_{k}"))
+def test_resume_gives_the_identical_next_loss(row, mode, uninterrupted):
+    uninterrupted, _, folder = uninterrupted
+    k = ALGORITHM_SETTINGS[row]["steps"] // 2
+    resumed = build(row, ALGORITHM_SETTINGS[row]["steps"], checkpoint_dir=str(folder),
+                    resume_from=str(folder / f"step_{k}"))
     assert resumed.state.step == k
     again = [r["loss"] for r in resumed.fit()]
     assert again[0] == uninterrupted[k], (again, uninterrupted)
