@@ -3,6 +3,7 @@ found: every mistake is an error that names the setting, what was expected and w
 scripts run from an installed ms_prune: none edits sys.path, no sample imports another."""
 import ast
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -255,27 +256,67 @@ def test_llama_smollm2_runs_end_to_end_on_a_tiny_llama(tmp_path):
     assert np.isfinite(base["perplexity_finetuned"]) and "perplexity_finetuned" not in entry["methods"]["random"]
 
 
-def test_prune_llama_runs_end_to_end_on_a_tiny_llama(tmp_path):
+def test_prune_llama_runs_end_to_end_on_a_tiny_llama(tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO, logger="ms_prune.trainer")  # the Trainer's progress lines
     module = load_script("prune_llama")
     model_dir = tiny_llama_dir(tmp_path / "tiny")
     config = write(tmp_path, {"seq_len": 16, "calibration": {"quick_batches": 2, "batch_size": 2},
-                              "quick_budgets": [0.8], "quick_variants": ["width", "uniform", "depth"],
+                              "quick_budgets": [0.75], "quick_variants": ["width", "uniform", "depth"],
                               "quick_methods": ["flap", "random"], "refit": ["flap"], "quick_eval_windows": 2,
-                              "new_tokens": 2})
+                              "new_tokens": 2, "distill": {"quick_runs": ["uniform/flap"], "quick_steps": 2,
+                                                           "batch_size": 1, "grad_accumulation": 2,
+                                                           "vocab_chunk": 100, "log_every": 1}})
     out = tmp_path / "results" / "r.json"
-    result = module.main(["--quick", "--config", config, "--model_dir", model_dir, "--json", str(out)])
+    argv = ["--quick", "--config", config, "--model_dir", model_dir, "--json", str(out)]
+    result = module.main(argv)
+    printed = capsys.readouterr().out
     with open(out) as f:
         assert json.load(f)["complete"] is True
     (entry,) = result["budgets"]
     assert sorted(entry["variants"]) == ["depth/block_influence", "uniform/flap", "uniform/flap/refit",
                                          "uniform/random", "width/flap", "width/flap/refit", "width/random"]
     for name, row in entry["variants"].items():
-        assert row["params_ratio"] <= 0.8 and np.isfinite(row["perplexity"]) and isinstance(row["answer"], str)
+        assert row["params_ratio"] <= 0.75 and np.isfinite(row["perplexity"]) and isinstance(row["answer"], str)
+        assert row["ppl_pruned"] == row["perplexity"] and row["peak_rss_gb"] > 0 and 0 < row["flops_ratio"] <= 1
     assert entry["variants"]["depth/block_influence"]["layers_removed"] == [0] or \
         entry["variants"]["depth/block_influence"]["layers_removed"] == [1]
     assert len(set(entry["variants"]["uniform/flap"]["neurons_per_layer"])) == 1
     assert np.isfinite(result["unpruned"]["perplexity"]) and result["unpruned"]["parameters"] > 0
+    # distillation of uniform/flap (2 steps of 2 micro-batches of 1 x 16 tokens) and the fair baseline
+    assert result["teacher_ppl"] == result["unpruned"]["perplexity"] and np.isfinite(result["baseline_ppl"])
+    assert result["reference_ppl"] == min(result["teacher_ppl"], result["baseline_ppl"])
+    assert result["baseline"]["train_tokens"] == 2 * 2 * 16
+    distilled = entry["variants"]["uniform/flap"]
+    assert distilled["ppl_refit"] == entry["variants"]["uniform/flap/refit"]["perplexity"]
+    assert np.isfinite(distilled["ppl_distilled"]) and isinstance(distilled["answer_distilled"], str)
+    assert distilled["distill_tokens"] == 2 * 2 * 16 and distilled["distill_seconds"] > 0
+    assert all("ppl_distilled" not in row for name, row in entry["variants"].items() if name != "uniform/flap")
+    assert entry["run"] == "uniform/flap" and entry["ppl_distilled"] == distilled["ppl_distilled"]
+    assert entry["distill_tokens"] == 64 and entry["ppl_refit"] == distilled["ppl_refit"]
+    goals = result["goals"]
+    assert sorted(goals) == ["params_75%_distilled", "params_75%_no_retraining"]
+    assert goals["params_75%_distilled"]["ratio"] == pytest.approx(distilled["ppl_distilled"] / result["reference_ppl"])
+    assert all(np.isfinite(g["ratio"]) and isinstance(g["met"], bool) for g in goals.values())
+    assert "step 2/2 | loss" in caplog.text and "goal params_75%_distilled" in printed
 
+    # --resume after a run killed during width/random: the other rows and the baseline are kept
+    with open(out) as f:
+        saved = json.load(f)
+    del saved["budgets"][0]["variants"]["width/random"]
+    saved["complete"] = False
+    with open(out, "w") as f:
+        json.dump(saved, f)
+    second = module.main(argv + ["--resume"])
+    printed = capsys.readouterr().out
+    assert "uniform/flap: kept from the interrupted run" in printed and "fair baseline: kept" in printed
+    assert "width/random: kept" not in printed and "width/random: x" in printed
+    assert "distilled from" not in printed and "scored heads and neurons by flap" not in printed
+    again = second["budgets"][0]["variants"]
+    assert list(again) == list(entry["variants"]) and second["complete"] and second["resumed"]
+    for name, row in entry["variants"].items():
+        assert (again[name] == row) == (name != "width/random"), name
+    assert again["width/random"]["params_ratio"] == entry["variants"]["width/random"]["params_ratio"]
+    assert second["baseline_ppl"] == result["baseline_ppl"] and second["goals"] == goals
 
 
 def test_prune_smollm2_main_job_runs_end_to_end_on_a_tiny_llama(tmp_path):
